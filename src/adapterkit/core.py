@@ -1,0 +1,278 @@
+"""AdaptedModel: named adapters attached to a plain transformers model.
+
+The base model stays a transformers model inside (`adapted.base_model`); adapters sit in
+`AdapterSite` wrappers at the modules they change. One notion of "adapter parameters"
+(`adapter_state_dict`) serves freezing, saving, loading and the trainable report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import Architecture, ModelLayout
+from .config import AdapterConfig, get_method
+from .errors import AdapterkitError
+from .sites import AdapterSite, AdapterState, Effect, logical_modules, replace_module, site_at
+
+
+@dataclass
+class AdapterRecord:
+    """One named adapter: its config and the parts it owns, keyed by module path."""
+
+    name: str
+    config: AdapterConfig
+    parts: dict[str, nn.Module]
+
+
+class AdaptedModel(nn.Module):
+    """A causal LM with parameter-efficient adapters. Build it with `adapterkit.adapt`.
+
+    `state_dict()` and `load_state_dict()` hold the adapter parameters only, so tools that
+    checkpoint a module (HF Trainer, accelerate) save a few MB, not the frozen base.
+    """
+
+    def __init__(self, model: nn.Module, architecture: Architecture | None = None):
+        super().__init__()
+        self.base_model = model
+        self.layout = ModelLayout(model, architecture)
+        self.state = AdapterState()
+        self.records: dict[str, AdapterRecord] = {}
+        self.tokenizer = None  # optional, set by adapt(); records its vocabulary with saved adapters
+        model.requires_grad_(False)
+
+    # ----- building -------------------------------------------------------------------------
+    def add_adapter(self, config: AdapterConfig, name: str = "default", trainable: bool = True,
+                    activate: bool | None = None) -> AdapterRecord:
+        """Attach a new named adapter. The first one added becomes active."""
+        if not name or not isinstance(name, str) or "." in name:
+            raise AdapterkitError(f"adapter name {name!r} is invalid: use a non-empty name without dots")
+        if name in self.records:
+            raise AdapterkitError(f"an adapter named {name!r} exists already; delete() it or pick another name")
+        method = get_method(config.method)
+        parts = method.attach(self, config)
+        if not parts:
+            raise AdapterkitError(f"{config.method}: the config selects no module of this model")
+        device = next(self.base_model.parameters()).device
+        for path, part in parts.items():
+            part.to(device)
+            if isinstance(part, Effect):
+                site_at(self.base_model, path, self.state).effects[name] = part
+        record = AdapterRecord(name, config, parts)
+        self.records[name] = record
+        for p in self._parameters_of(record).values():
+            p.requires_grad_(trainable)
+        if activate or (activate is None and not self.state.active):
+            self.set_active(name)
+        return record
+
+    def delete(self, name: str) -> None:
+        """Remove an adapter and its parts; sites left empty are unwrapped."""
+        record = self._record(name)
+        for path in record.parts:
+            site = self.base_model.get_submodule(path)
+            if name in site.merged:
+                raise AdapterkitError(f"adapter {name!r} is merged: unmerge() it before deleting")
+            del site.effects[name]
+            if not site.effects:
+                replace_module(self.base_model, path, site.base_layer)
+        del self.records[name]
+        self.state.active = [n for n in self.state.active if n != name]
+
+    # ----- which adapters run ------------------------------------------------------------------
+    def set_active(self, *names: str) -> None:
+        """Run these adapters (several stack in the given order); the others are off."""
+        for name in names:
+            self._record(name)
+        self.state.active = list(names)
+
+    @property
+    def active(self) -> list[str]:
+        return list(self.state.active)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside this block the model computes the base model's output."""
+        previous = self.state.disabled
+        self.state.disabled = True
+        try:
+            yield
+        finally:
+            self.state.disabled = previous
+
+    @contextmanager
+    def _rows(self, adapter_names: list[str | None] | None, batch: int | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        if batch is not None and len(adapter_names) != batch:
+            raise AdapterkitError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
+        for name in set(adapter_names) - {None}:
+            self._record(name)
+        self.state.row_adapters, self.state._rows = list(adapter_names), {}
+        try:
+            yield
+        finally:
+            self.state.row_adapters, self.state._rows = None, {}
+
+    # ----- running --------------------------------------------------------------------------
+    def forward(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
+        """The base model's forward; `adapter_names` gives one adapter (or None) per row."""
+        with self._rows(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
+        """`transformers` generate with the KV cache; `adapter_names` as in forward."""
+        with self._rows(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model.generate(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ----- parameters -----------------------------------------------------------------------
+    def _record(self, name: str) -> AdapterRecord:
+        if name not in self.records:
+            known = ", ".join(self.records) or "none"
+            raise AdapterkitError(f"no adapter named {name!r} (adapters: {known})")
+        return self.records[name]
+
+    def _parameters_of(self, record: AdapterRecord) -> dict[str, nn.Parameter]:
+        return {f"{path}.{key}": p for path, part in record.parts.items() for key, p in part.named_parameters()}
+
+    def adapter_state_dict(self, name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's weights keyed by module path (independent of the adapter's name)."""
+        record = self._record(name or self._single_name())
+        return {key: p.detach() for key, p in self._parameters_of(record).items()}
+
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], name: str | None = None) -> None:
+        """Copy saved weights in; any missing, unexpected or misshapen key is an error."""
+        own = self._parameters_of(self._record(name or self._single_name()))
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise AdapterkitError(
+                "adapter weights do not fit this model: "
+                + (f"missing {_few(missing)}" if missing else "")
+                + ("; " if missing and unexpected else "")
+                + (f"unexpected {_few(unexpected)}" if unexpected else ""))
+        with torch.no_grad():
+            for key, p in own.items():
+                if tuple(tensors[key].shape) != tuple(p.shape):
+                    raise AdapterkitError(f"adapter weight {key} has shape {tuple(tensors[key].shape)}, "
+                                          f"this model needs {tuple(p.shape)}")
+                p.copy_(tensors[key])
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102  (adapter weights only, see class doc)
+        return {f"{name}.{key}": t for name in self.records for key, t in self.adapter_state_dict(name).items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
+        for name in self.records:
+            prefix = f"{name}."
+            self.load_adapter_state_dict(
+                {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, name)
+        return nn.modules.module._IncompatibleKeys([], [])
+
+    def trainable_parameters(self) -> tuple[int, int, float]:
+        """(trainable, total, percent) over the whole adapted model."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total, 100.0 * trainable / max(total, 1)
+
+    def report(self) -> str:
+        trainable, total, percent = self.trainable_parameters()
+        return f"trainable parameters: {trainable:,} of {total:,} ({percent:.4f}%)"
+
+    def _single_name(self) -> str:
+        if len(self.state.active) == 1:
+            return self.state.active[0]
+        if len(self.records) == 1:
+            return next(iter(self.records))
+        raise AdapterkitError(f"several adapters ({', '.join(self.records)}): name the one you mean")
+
+    # ----- merging --------------------------------------------------------------------------
+    def merge(self, name: str | None = None) -> None:
+        """Fold an adapter into the base weights (exact algebra in fp32); forward then skips it."""
+        name = name or self._single_name()
+        record = self._record(name)
+        not_mergeable = [p for p, part in record.parts.items() if not getattr(part, "mergeable", False)]
+        if not_mergeable:
+            raise AdapterkitError(
+                f"{record.config.method} adapter {name!r} cannot be merged into the base weights "
+                f"(e.g. at {not_mergeable[0]}); use it unmerged, or train LoRA for a mergeable adapter")
+        for path, part in record.parts.items():
+            site = self.base_model.get_submodule(path)
+            if name in site.merged:
+                raise AdapterkitError(f"adapter {name!r} is already merged")
+            part.merge_into(site.base_layer, +1.0)
+            site.merged.append(name)
+
+    def unmerge(self, name: str | None = None) -> None:
+        """Undo `merge`."""
+        name = name or self._single_name()
+        for path, part in self._record(name).parts.items():
+            site = self.base_model.get_submodule(path)
+            if name not in site.merged:
+                raise AdapterkitError(f"adapter {name!r} is not merged")
+            part.merge_into(site.base_layer, -1.0)
+            site.merged.remove(name)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain transformers model, sites removed."""
+        for name in self.state.active:
+            if not all(name in self.base_model.get_submodule(p).merged for p in self.records[name].parts):
+                self.merge(name)
+        for path, _ in list(self.sites()):
+            replace_module(self.base_model, path, self.base_model.get_submodule(path).base_layer)
+        self.records.clear()
+        self.state.active = []
+        return self.base_model
+
+    def sites(self) -> Iterator[tuple[str, AdapterSite]]:
+        for path, module in logical_modules(self.base_model):
+            wrapper = self.base_model.get_submodule(path)
+            if isinstance(wrapper, AdapterSite) and wrapper.base_layer is module:
+                yield path, wrapper
+
+    # ----- files ----------------------------------------------------------------------------
+    def save(self, directory: str | Path, name: str | None = None) -> Path:
+        """Write adapter_config.json + adapter_model.safetensors (adapter weights only), atomically."""
+        from .storage import save_adapter
+
+        return save_adapter(self, Path(directory), name or self._single_name())
+
+
+def _batch_size(args, kwargs) -> int | None:
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    return None
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def adapt(model: nn.Module, config: AdapterConfig, name: str = "default", tokenizer=None,
+          architecture: Architecture | None = None) -> AdaptedModel:
+    """Freeze `model` and attach one adapter described by `config`; returns the AdaptedModel.
+
+    An AdaptedModel passed in gets the adapter added under `name`.
+    """
+    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model, architecture)
+    if tokenizer is not None:
+        adapted.tokenizer = tokenizer
+    adapted.add_adapter(config, name)
+    return adapted

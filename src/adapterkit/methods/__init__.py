@@ -1,0 +1,3 @@
+"""Built-in methods; importing this package registers them."""
+
+from . import lora  # noqa: F401

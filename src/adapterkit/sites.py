@@ -1,0 +1,149 @@
+"""Adapter sites: a wrapper that keeps a base module as a child and lets adapters act around it.
+
+Wrapping keeps the transformers classes untouched (no patched forwards, no __class__ swaps).
+Each adapter contributes an `Effect` at a site; several named adapters can share a site, and
+a mixed batch runs each adapter's effect on its own rows only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class Effect(nn.Module):
+    """One adapter's contribution at one site. Subclasses override what they change."""
+
+    acts_on_input = False    # transform the site's input before the base module runs
+    acts_on_output = False   # transform the site's output
+    replaces_base = False    # run instead of the base module (a trained copy)
+    mergeable = False
+
+    def on_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def replacement(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+
+@dataclass
+class AdapterState:
+    """What runs now, shared by every site of one adapted model (a plain object, not a module)."""
+
+    active: list[str] = field(default_factory=list)
+    disabled: bool = False
+    row_adapters: list[str | None] | None = None   # one adapter name (or None) per batch row
+    _rows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def rows_of(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """Row indices of `name` in a mixed batch; None when the whole batch uses it."""
+        if self.row_adapters is None:
+            return None
+        if name not in self._rows:
+            index = [i for i, n in enumerate(self.row_adapters) if n == name]
+            self._rows[name] = torch.tensor(index, dtype=torch.long)
+        rows = self._rows[name]
+        return rows.to(device) if rows.device != device else rows
+
+    def names_running(self, names) -> list[str]:
+        if self.disabled:
+            return []
+        if self.row_adapters is not None:
+            wanted = set(self.row_adapters)
+            return [n for n in names if n in wanted]
+        return [n for n in names if n in self.active]
+
+
+class AdapterSite(nn.Module):
+    """Wraps one module of the base model. `base_layer` stays the original module."""
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.effects = nn.ModuleDict()
+        self.merged: list[str] = []
+        object.__setattr__(self, "_state", state)  # shared, so never registered as a child
+
+    def __getattr__(self, name: str):
+        # Model code may read attributes of the wrapped module (weight, in_features, nf...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "effects"):
+                raise
+            return getattr(self.base_layer, name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = [n for n in self._state.names_running(self.effects.keys()) if n not in self.merged]
+        if not names:
+            if self.merged and (self._state.disabled or self._state.row_adapters is not None):
+                raise RuntimeError("adapters are merged into the base weights: unmerge() before disabling "
+                                   "them or running a mixed batch")
+            return self.base_layer(x, *args, **kwargs)
+        effects = [(self.effects[n], self._state.rows_of(n, x.device)) for n in names]
+        x_in = x
+        for effect, rows in effects:
+            if effect.acts_on_input:
+                x_in = _on_rows(x_in, rows, effect.on_input)
+        replacing = [(e, r) for e, r in effects if e.replaces_base]
+        whole = next((e for e, r in replacing if r is None), None)
+        if whole is not None:
+            y = whole.replacement(x_in, *args, **kwargs)
+        else:
+            y = self.base_layer(x_in, *args, **kwargs)
+        for effect, rows in replacing:
+            if rows is not None:
+                y = y.index_copy(0, rows, effect.replacement(x_in.index_select(0, rows), *args, **kwargs).to(y.dtype))
+        for effect, rows in effects:
+            if effect.acts_on_output:
+                if rows is None:
+                    y = effect.on_output(x_in, y)
+                else:
+                    y = y.index_copy(0, rows, effect.on_output(x_in.index_select(0, rows), y.index_select(0, rows)))
+        return y
+
+
+def _on_rows(x: torch.Tensor, rows: torch.Tensor | None, fn) -> torch.Tensor:
+    if rows is None:
+        return fn(x)
+    return x.index_copy(0, rows, fn(x.index_select(0, rows)))
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Set the module at a logical path (one that looks through sites) to `new`."""
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    while isinstance(parent, AdapterSite):  # the child lives in the wrapped module
+        parent = parent.base_layer
+    setattr(parent, child, new)
+
+
+def logical_modules(root: nn.Module, prefix: str = ""):
+    """(path, module) of every base module, with sites looked through and adapter parts skipped."""
+    for name, child in root.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, AdapterSite):
+            inner = child.base_layer
+            yield path, inner
+            yield from logical_modules(inner, path + ".")
+        else:
+            yield path, child
+            yield from logical_modules(child, path + ".")
+
+
+def site_at(root: nn.Module, path: str, state: AdapterState) -> AdapterSite:
+    """The site wrapping `path`, created on first use."""
+    module = root.get_submodule(path)
+    if isinstance(module, AdapterSite):
+        return module
+    site = AdapterSite(module, state)
+    replace_module(root, path, site)
+    return site

@@ -1,0 +1,166 @@
+"""Adapter files: adapter_config.json + adapter_model.safetensors, written atomically, read safely.
+
+Never pickle. The JSON records the method config (with a format version), the modules the
+adapter attached to, its parameter count, and the identity of the base model it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import config_from_json, config_to_json
+from .errors import AdapterkitError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache",
+                         "architectures", "_commit_hash", "quantization_config", "output_attentions",
+                         "output_hidden_states", "return_dict", "tie_word_embeddings"}
+
+
+def base_identity(model, tokenizer=None) -> dict[str, Any]:
+    """What identifies a base model: family, sizes, and hashes of its config (and vocabulary)."""
+    config = model.config
+    stable = {k: v for k, v in sorted(config.to_dict().items()) if k not in _VOLATILE_CONFIG_KEYS}
+    identity = {
+        "model_type": config.model_type,
+        "architecture": type(model).__name__,
+        "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", None),
+        "num_layers": getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "config_sha256": _sha(json.dumps(stable, sort_keys=True, default=str)),
+    }
+    if tokenizer is not None:
+        identity["vocab_sha256"] = _sha(json.dumps(sorted(tokenizer.get_vocab().items())))
+    return identity
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_adapter(adapted, directory: Path, name: str) -> Path:
+    record = adapted.records[name]
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapted.adapter_state_dict(name).items()}
+    check_tensors(tensors)
+    meta = config_to_json(record.config)
+    meta.update({
+        "adapterkit_version": __version__,
+        "modules": sorted(record.parts),
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "base_model": base_identity(adapted.base_model, adapted.tokenizer),
+    })
+    write_files(directory, {CONFIG_FILE: json.dumps(meta, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
+    return directory
+
+
+def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to write empty or non-finite weights: such a save would look fine and be useless."""
+    if not tensors:
+        raise AdapterkitError("nothing to save: the adapter has no weights")
+    for key, t in tensors.items():
+        if t.numel() == 0:
+            raise AdapterkitError(f"refusing to save: adapter weight {key} is empty")
+        if not torch.isfinite(t).all():
+            raise AdapterkitError(f"refusing to save: adapter weight {key} holds NaN or inf")
+
+
+def write_files(directory: Path, texts: dict[str, str], tensor_files: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write every file into a temporary folder beside `directory`, then move each into place.
+
+    A crash leaves either the old file or the new one, never a half-written one.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    try:
+        for name, tensors in tensor_files.items():
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        for name, text in texts.items():
+            (tmp / name).write_text(text)
+        for name in [*tensor_files, *texts]:  # the config moves last: it marks the folder complete
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config json, tensors) of an adapter folder, with one clear error for each way it can be wrong."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterkitError(f"adapter folder {directory} does not exist")
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.is_file():
+        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+        hint = f" (found {pickled[0]}: pickle files are never loaded)" if pickled else ""
+        raise AdapterkitError(f"{directory} has no {CONFIG_FILE}; not an adapter folder{hint}")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterkitError(f"{config_path} is not valid JSON ({exc}); the adapter folder is corrupt") from exc
+    if not weights_path.is_file():
+        raise AdapterkitError(f"{directory} has no {WEIGHTS_FILE}; the adapter folder is incomplete")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterkitError(f"{weights_path} is not a readable safetensors file ({exc}); "
+                              "the adapter folder is corrupt") from exc
+    return meta, tensors
+
+
+def load_adapter(model, directory: str | Path, name: str = "default", trainable: bool = False,
+                 force: bool = False):
+    """Attach the adapter saved in `directory` to `model` (a transformers model or an AdaptedModel)."""
+    from .core import AdaptedModel
+
+    meta, tensors = read_adapter(directory)
+    config = config_from_json(meta)
+    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+    check_base(meta.get("base_model"), base_identity(adapted.base_model, adapted.tokenizer), force)
+    missing = [m for m in meta.get("modules", []) if not _has_module(adapted.base_model, m)]
+    if missing:
+        raise AdapterkitError(f"the adapter was attached to {missing[0]}, which this model lacks "
+                              f"({len(missing)} module(s) missing); it belongs to another base model")
+    adapted.add_adapter(config, name, trainable=trainable)
+    try:
+        adapted.load_adapter_state_dict(tensors, name)
+    except AdapterkitError:
+        adapted.delete(name)
+        raise
+    return adapted
+
+
+def _has_module(model, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def check_base(saved: dict | None, current: dict, force: bool) -> None:
+    """Refuse an adapter trained on another base model (`force` turns that into a warning)."""
+    if not saved:
+        return
+    differ = [k for k in ("model_type", "architecture", "hidden_size", "num_layers", "vocab_size",
+                          "config_sha256", "vocab_sha256")
+              if k in saved and k in current and saved[k] != current[k]]
+    if not differ:
+        return
+    what = ", ".join(f"{k} {saved[k]} vs {current[k]}" for k in differ)
+    message = f"the adapter was trained on another base model ({what})"
+    if not force:
+        raise AdapterkitError(message + "; load the matching base model, or pass --force to load anyway")
+    import warnings
+
+    warnings.warn(message + "; loading anyway because of --force", stacklevel=2)

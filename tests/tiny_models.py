@@ -1,0 +1,57 @@
+"""Tiny randomly initialised models of the 12 supported families, built in code (no downloads).
+
+Sizes are small but keep each family's quirks: grouped key/value heads (LLaMA, Mistral, Qwen2),
+multi-query attention (Gemma, Falcon), fused qkv layouts (GPT-2 Conv1D, GPT-NeoX, BLOOM, Falcon),
+ALiBi (BLOOM), learned absolute positions (GPT-2, GPT-Neo, OPT).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+VOCAB = 96
+HIDDEN = 32
+LAYERS = 2
+HEADS = 4
+
+_STD = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_GPT = dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)
+_CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**_STD, num_key_value_heads=2, intermediate_size=64),
+    "mistral": lambda: T.MistralConfig(**_STD, num_key_value_heads=2, intermediate_size=64, sliding_window=None),
+    "qwen2": lambda: T.Qwen2Config(**_STD, num_key_value_heads=2, intermediate_size=64),
+    "gemma": lambda: T.GemmaConfig(**_STD, num_key_value_heads=1, intermediate_size=64, head_dim=8),
+    "phi": lambda: T.PhiConfig(**_STD, intermediate_size=64, partial_rotary_factor=0.5),
+    "gpt2": lambda: T.GPT2Config(**_GPT, n_positions=64),
+    "gptj": lambda: T.GPTJConfig(**_GPT, rotary_dim=4, n_positions=64),
+    "gpt_neo": lambda: T.GPTNeoConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
+                                      attention_types=[[["global", "local"], 1]], window_size=8,
+                                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": lambda: T.GPTNeoXConfig(**_STD, intermediate_size=64, rotary_pct=0.5),
+    "opt": lambda: T.OPTConfig(**_STD, ffn_dim=64, word_embed_proj_dim=HIDDEN, max_position_embeddings=64),
+    "bloom": lambda: T.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "falcon": lambda: T.FalconConfig(**_STD, multi_query=True, new_decoder_architecture=False,
+                                     parallel_attn=True, alibi=False),
+}
+FAMILIES = sorted(_CONFIGS)
+
+
+def tiny_config(family: str):
+    return _CONFIGS[family]()
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def tiny_batch(seed: int = 1, batch: int = 2, length: int = 10) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
