@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import transformers as T
 
-VOCAB = 96
+VOCAB = 128
 HIDDEN = 32
 LAYERS = 2
 HEADS = 4
@@ -55,3 +55,26 @@ def tiny_batch(seed: int = 1, batch: int = 2, length: int = 10) -> dict[str, tor
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer for the tiny models: <pad> 0, <s> 1, </s> 2, <unk> 3, then ASCII."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    vocab["\n"] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def save_tiny(family: str, folder, seed: int = 0):
+    """Write a tiny model and its tokenizer as a Hugging Face folder; returns the folder."""
+    tiny_model(family, seed).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

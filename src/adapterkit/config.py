@@ -37,26 +37,44 @@ class AdapterConfig:
         return cls(**values)
 
     @classmethod
-    def options(cls) -> list[tuple[str, str, Any, str]]:
-        """(name, type, default, help) for each option: used by `adapterkit methods` and CLI flags."""
+    def options(cls) -> list[Option]:
+        """Each option with its type, default, help and CLI flag: for `adapterkit methods` and the CLI."""
         hints = typing.get_type_hints(cls)
         rows = []
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+            rows.append(Option(f.name, hints[f.name], default, f.metadata.get("help", ""), flag_of(f)))
         return rows
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: Any
+    default: Any
+    help: str
+    flag: str
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.type)
 
 
 def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def option(default: Any, help: str, **kw) -> Any:
-    """A dataclass field with a help text."""
+def option(default: Any, help: str, flag: str | None = None) -> Any:
+    """A dataclass field with a help text and, optionally, its CLI flag (default: --field-name)."""
+    metadata = {"help": help, "flag": flag}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,14 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 def train_steps(model: nn.Module, batches: Iterator[list[dict]], steps: int, lr: float = 3e-4,
                 warmup: int = 0, accumulation: int = 1, max_grad_norm: float = 1.0,
+                autocast: torch.dtype | None = None,
                 on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Run `steps` optimizer steps; each takes `accumulation` micro-batches. Returns the losses."""
+    """Run `steps` optimizer steps; each takes `accumulation` micro-batches. Returns the losses.
+
+    `autocast` (e.g. torch.bfloat16) wraps each forward only: autocast caches its casts of the
+    weights until its block ends, so a block around the optimizer step would keep using stale
+    low-precision copies of the adapter and the adapter would stop changing the model.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AdapterkitError("no trainable parameters: was the adapter loaded with trainable=False?")
@@ -43,8 +49,9 @@ def train_steps(model: nn.Module, batches: Iterator[list[dict]], steps: int, lr:
         total = 0.0
         for _ in range(accumulation):
             batch = next(batches)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = causal_lm_loss(logits, batch["labels"]) / accumulation
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = causal_lm_loss(logits, batch["labels"]) / accumulation
             loss.backward()
             total += loss.item()
         if not math.isfinite(total):

@@ -29,13 +29,15 @@ class LoraConfig(AdapterConfig):
     """Options of LoRA."""
 
     method: ClassVar[str] = "lora"
-    r: int = option(8, "rank of the update")
-    alpha: float = option(16.0, "scale numerator: the update is multiplied by alpha / r")
-    dropout: float = option(0.0, "dropout on the LoRA input path")
+    r: int = option(8, "rank of the update", flag="--lora-r")
+    alpha: float = option(16.0, "scale numerator: the update is multiplied by alpha / r", flag="--lora-alpha")
+    dropout: float = option(0.0, "dropout on the LoRA input path", flag="--lora-dropout")
     target_modules: list[str] | str | None = option(
         None, "module names (suffix match), a regex, or 'all-linear'; default: query and value projections")
-    bias: str = option("none", "train biases too: none, lora_only (of the targeted layers), all")
-    init: str = option("default", "default: A Kaiming-uniform, B zero (the update starts at 0); gaussian: A ~ N(0, 1/r)")
+    bias: str = option("none", "train biases too: none, lora_only (of the targeted layers), all",
+                      flag="--lora-bias")
+    init: str = option("default", "default: A Kaiming-uniform, B zero (the update starts at 0); "
+                       "gaussian: A ~ N(0, 1/r), B zero", flag="--lora-init")
     use_rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
     modules_to_save: list[str] = option([], "modules trained in full (a trained copy), e.g. lm_head")
     layers: list[int] | None = option(None, "only these decoder layers (default: all)")
