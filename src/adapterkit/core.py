@@ -18,7 +18,7 @@ from torch import nn
 from .architectures import Architecture, ModelLayout
 from .config import AdapterConfig, get_method
 from .errors import AdapterkitError
-from .sites import AdapterSite, AdapterState, Effect, logical_modules, replace_module, site_at
+from .sites import AdapterSite, AdapterState, Effect, base_module, logical_modules, replace_module, site_at
 
 
 @dataclass
@@ -121,10 +121,18 @@ class AdaptedModel(nn.Module):
             self.state.row_adapters, self.state._rows = None, {}
 
     # ----- running --------------------------------------------------------------------------
-    def forward(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
-        """The base model's forward; `adapter_names` gives one adapter (or None) per row."""
-        with self._rows(adapter_names, _batch_size(args, kwargs)):
-            return self.base_model(*args, **kwargs)
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, adapter_names: list[str | None] | None = None,
+                **kwargs):
+        """The base model's forward; `adapter_names` gives one adapter (or None) per row.
+
+        The named arguments are spelled out so HF Trainer keeps those dataset columns.
+        """
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                      position_ids=position_ids, inputs_embeds=inputs_embeds)
+        with self._rows(adapter_names, _batch_size((), kwargs)):
+            return self.base_model(**{k: v for k, v in kwargs.items() if v is not None})
 
     def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
         """`transformers` generate with the KV cache; `adapter_names` as in forward."""
@@ -212,12 +220,25 @@ class AdaptedModel(nn.Module):
             raise AdapterkitError(
                 f"{record.config.method} adapter {name!r} cannot be merged into the base weights "
                 f"(e.g. at {not_mergeable[0]}); use it unmerged, or train LoRA for a mergeable adapter")
+        tied = self._tied_parameters()
+        for path, part in record.parts.items():
+            if part.replaces_base and any(id(p) in tied for p in base_module(self.base_model, path).parameters()):
+                raise AdapterkitError(f"{path} shares its weight with another module (tied embeddings): merging "
+                                      f"its trained copy would change both; keep adapter {name!r} unmerged")
         for path, part in record.parts.items():
             site = self.base_model.get_submodule(path)
             if name in site.merged:
                 raise AdapterkitError(f"adapter {name!r} is already merged")
             part.merge_into(site.base_layer, +1.0)
             site.merged.append(name)
+
+    def _tied_parameters(self) -> set[int]:
+        """ids of base parameters registered under more than one module."""
+        owners: dict[int, int] = {}
+        for _, module in logical_modules(self.base_model):
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        return {key for key, count in owners.items() if count > 1}
 
     def unmerge(self, name: str | None = None) -> None:
         """Undo `merge`."""

@@ -57,15 +57,18 @@ class TrainSettings:
         Template(self.template)
 
 
-def prepare_output(path: Path, overwrite: bool) -> None:
-    """Never overwrite a non-empty folder unless asked."""
+def check_output(path: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output folder unless asked; checked before any work, nothing created yet."""
     if path.exists() and not path.is_dir():
         raise AdapterkitError(f"output {path} exists and is not a folder; choose another --output")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise AdapterkitError(f"output folder {path} is not empty; choose another --output or pass --overwrite")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise AdapterkitError(f"output folder {path} is not empty; choose another --output or pass --overwrite")
+
+
+def clear_output(path: Path) -> None:
+    """Empty the output folder (when overwriting), only once there is something new to write."""
+    if path.is_dir():
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
 
 
 def method_config(method: str, options: dict):
@@ -97,7 +100,7 @@ def train(settings: TrainSettings) -> dict:
     settings.validate()
     config = method_config(settings.method, settings.method_options)
     output = Path(settings.output)
-    prepare_output(output, settings.overwrite)
+    check_output(output, settings.overwrite)
     records = read_records(settings.data)[: settings.limit]
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model(settings.model, "bf16" if settings.precision == "bf16" else "fp32")
@@ -119,6 +122,7 @@ def train(settings: TrainSettings) -> dict:
     losses = train_steps(adapted, batches, steps, settings.learning_rate, settings.warmup_steps, accumulation,
                          autocast=torch.bfloat16 if settings.precision == "bf16" else None, on_step=log)
     bar.close()
+    clear_output(output)
     adapted.save(output)
     run = {"settings": asdict(settings), "adapter_config": config.to_dict(), "adapterkit_version": __version__,
            "final_loss": losses[-1], "first_loss": losses[0]}
@@ -163,8 +167,7 @@ def merge(model_name: str, adapter: str, output: str, overwrite: bool = False, t
           force: bool = False) -> float:
     """Merge an adapter into the base and write a plain HF checkpoint; refuses one that drifts."""
     out = Path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise AdapterkitError(f"output folder {out} is not empty; choose another --output or pass --overwrite")
+    check_output(out, overwrite)
     adapted, tokenizer = load_for_inference(model_name, adapter, force=force)
     probe = probe_inputs(tokenizer)
     before = adapted(**probe).logits.float()

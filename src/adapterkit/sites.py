@@ -126,6 +126,12 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def base_module(root: nn.Module, path: str) -> nn.Module:
+    """The original module at `path`, looking through a site that wraps it."""
+    module = root.get_submodule(path)
+    return module.base_layer if isinstance(module, AdapterSite) else module
+
+
 def logical_modules(root: nn.Module, prefix: str = ""):
     """(path, module) of every base module, with sites looked through and adapter parts skipped."""
     for name, child in root.named_children():

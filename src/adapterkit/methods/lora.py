@@ -17,7 +17,7 @@ from torch import nn
 from ..architectures import is_linear
 from ..config import AdapterConfig, Method, option, register_method
 from ..errors import AdapterkitError
-from ..sites import Effect, logical_modules
+from ..sites import Effect, base_module, logical_modules
 from ..targets import match_modules
 
 BIAS_MODES = ("none", "lora_only", "all")
@@ -179,7 +179,7 @@ def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
             paths = [p for p in paths if any(p.startswith(lp + ".") for lp in layer_paths)]
     parts: dict[str, nn.Module] = {}
     for path in paths:
-        parts[path] = LoraEffect(model.get_submodule(path), config, train_bias=config.bias != "none")
+        parts[path] = LoraEffect(base_module(model, path), config, train_bias=config.bias != "none")
     if config.bias == "all":
         for path, module in logical_modules(model):
             if path not in parts and isinstance(getattr(module, "bias", None), nn.Parameter):
@@ -188,7 +188,7 @@ def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
         for path in match_modules(model, config.modules_to_save, lambda m: True, "any"):
             if path in parts:
                 raise AdapterkitError(f"{path} is both a LoRA target and in modules_to_save; pick one")
-            parts[path] = TrainedCopy(model.get_submodule(path))
+            parts[path] = TrainedCopy(base_module(model, path))
     return parts
 
 
