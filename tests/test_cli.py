@@ -112,3 +112,27 @@ def test_module_entry_point_exit_code(tmp_path):
                            "--prompt", "x"], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"adapterkit: error: {tmp_path / 'nope'}: no such model folder"]
+
+
+@pytest.mark.parametrize("method,flags", [
+    ("adapter-h", ["--bottleneck-size", "4", "--non-linearity", "tanh"]),
+    ("adapter-p", ["--reduction-factor", "8", "--scaling", "learned"]),
+    ("parallel", ["--bottleneck-size", "4", "--location", "both", "--adapter-init", "normal"]),
+    ("parallel", ["--preset", "llm-adapters", "--bottleneck-size", "4"]),
+])
+def test_train_and_generate_each_bottleneck_method(tiny_gpt2_dir, data_file, tmp_path, capsys, method, flags):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_gpt2_dir, data_file, out, "--method", method, *flags)) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["method"] == method
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tiny_gpt2_dir), "--adapter", str(out), "--prompt", "Add 1 and 2.",
+                 "--max-new-tokens", "4", "--template", "bare"]) == 0
+    _fails_cleanly(["merge", "--model", str(tiny_gpt2_dir), "--adapter", str(out), "--output",
+                    str(tmp_path / "merged")], capsys, "cannot be merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_flag_of_another_method_is_refused(tiny_llama_dir, data_file, tmp_path, capsys):
+    _fails_cleanly(_train_args(tiny_llama_dir, data_file, tmp_path / "o", "--method", "adapter-h", "--lora-r", "4"),
+                   capsys, "--lora-r is not an option of adapter-h")

@@ -168,6 +168,11 @@ class ModelLayout:
             raise AdapterkitError(f"this model has no {role!r} module in its architecture entry")
         return f"{self.layer_path(index)}.{relative}"
 
+    def input_site(self, index: int, sublayer: str) -> str:
+        """The first module reading a sub-layer's normalised input: sublayer "attn_in" or "mlp_in"."""
+        relative = self.arch.mlp_in[0] if sublayer == "mlp_in" else (self.arch.qkv or self.arch.q)
+        return f"{self.layer_path(index)}.{relative}"
+
     def layer_indices(self, layers: list[int] | None) -> list[int]:
         count = self.shape.layers
         if layers is None:

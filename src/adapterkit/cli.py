@@ -27,6 +27,13 @@ def _parse_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
+def _number_or_word(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _converter(hint):
     """argparse type for a config field's type hint."""
     text = str(hint)
@@ -36,6 +43,8 @@ def _converter(hint):
         return _parse_ints
     if "list[str]" in text:
         return lambda v: v if v == "all-linear" else _parse_list(v)
+    if "float | str" in text:
+        return _number_or_word
     if hint is int or text.startswith("int"):
         return int
     if hint is float or text.startswith("float"):
@@ -48,7 +57,7 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     from .config import METHODS, get_method
 
     get_method("lora")  # registers the built-in methods
-    group = parser.add_argument_group("method options")
+    group = parser.add_argument_group("method options (see `adapterkit methods`)")
     seen: set[str] = set()
     for method in METHODS.values():
         for opt in method.config_class.options():
@@ -56,15 +65,30 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
                 continue
             seen.add(opt.flag)
             if opt.type is bool:
-                group.add_argument(opt.flag, dest=f"opt_{opt.name}", action=argparse.BooleanOptionalAction,
+                group.add_argument(opt.flag, dest=_dest(opt.flag), action=argparse.BooleanOptionalAction,
                                    default=None, help=opt.help)
             else:
-                group.add_argument(opt.flag, dest=f"opt_{opt.name}", type=_converter(opt.type), default=None,
+                group.add_argument(opt.flag, dest=_dest(opt.flag), type=_converter(opt.type), default=None,
                                    help=opt.help)
 
 
+def _dest(flag: str) -> str:
+    return "opt_" + flag[2:].replace("-", "_")
+
+
 def method_options(args: argparse.Namespace) -> dict:
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    """The chosen method's options from the flags given; a flag of another method is an error."""
+    from .config import get_method
+
+    given = {k: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    options = {}
+    for opt in get_method(args.method).config_class.options():
+        if _dest(opt.flag) in given:
+            options[opt.name] = given.pop(_dest(opt.flag))
+    if given:
+        flag = "--" + next(iter(given))[4:].replace("_", "-")
+        raise AdapterkitError(f"{flag} is not an option of {args.method}; see `adapterkit methods` for its options")
+    return options
 
 
 def build_parser() -> Parser:
@@ -153,7 +177,8 @@ def cmd_train(args) -> None:
     from .recipes import TrainSettings, train
 
     fields = {k: v for k, v in vars(args).items() if not k.startswith("opt_") and k not in ("command",)}
-    run = train(TrainSettings(**fields, method_options=method_options(args)))
+    options = method_options(args)
+    run = train(TrainSettings(**fields, method_options=options))
     print(f"loss {run['first_loss']:.4f} -> {run['final_loss']:.4f}; adapter saved in {args.output}")
 
 

@@ -16,10 +16,10 @@ from .errors import AdapterkitError
 
 IGNORE = -100
 
-# LLM-Adapters' finetune.py prompt, byte for byte (its odd indentation and the "# noqa: E501"
+# LLM-Adapters' finetune.py prompt, byte for byte (its odd indentation and the lint marker
 # inside the string included), so losses and accuracies compare with its published runs.
 _ALPACA_HEAD = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
-                "completes the request.  # noqa: E501\n\n")
+                "completes the request.  # no" "qa: E501\n\n")  # split so linters do not read it
 _I = "                "
 
 

@@ -34,6 +34,13 @@ class Effect(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
 
+def cast_for_adapter(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Adapter weights stay fp32 over a bf16 base: cast activations up unless autocast handles it."""
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return x.to(weight.dtype)
+    return x
+
+
 @dataclass
 class AdapterState:
     """What runs now, shared by every site of one adapted model (a plain object, not a module)."""

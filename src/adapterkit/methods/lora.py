@@ -17,7 +17,7 @@ from torch import nn
 from ..architectures import is_linear
 from ..config import AdapterConfig, Method, option, register_method
 from ..errors import AdapterkitError
-from ..sites import Effect, base_module, logical_modules
+from ..sites import Effect, base_module, cast_for_adapter, logical_modules
 from ..targets import match_modules
 
 BIAS_MODES = ("none", "lora_only", "all")
@@ -89,9 +89,7 @@ class LoraEffect(Effect):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(x)
-        if h.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(h.device.type):
-            h = h.to(self.lora_A.dtype)
+        h = cast_for_adapter(self.dropout(x), self.lora_A)
         delta = F.linear(F.linear(h, self.lora_A) * self.scaling, self.lora_B, self.lora_bias)
         return y + delta.to(y.dtype)
 
