@@ -18,6 +18,7 @@ from torch import nn
 from .architectures import Architecture, ModelLayout
 from .config import AdapterConfig, get_method
 from .errors import AdapterkitError
+from .methods.prompt import PROMPT_KEY, prompt_generate, prompt_inputs, strip_virtual
 from .sites import AdapterSite, AdapterState, Effect, base_module, logical_modules, replace_module, site_at
 
 
@@ -44,6 +45,7 @@ class AdaptedModel(nn.Module):
         self.state = AdapterState()
         self.records: dict[str, AdapterRecord] = {}
         self.tokenizer = None  # optional, set by adapt(); records its vocabulary with saved adapters
+        self.prompts = nn.ModuleDict()  # prompt-family parts, by adapter name: they act on the inputs
         model.requires_grad_(False)
 
     # ----- building -------------------------------------------------------------------------
@@ -61,7 +63,9 @@ class AdaptedModel(nn.Module):
         device = next(self.base_model.parameters()).device
         for path, part in parts.items():
             part.to(device)
-            if isinstance(part, Effect):
+            if path == PROMPT_KEY:
+                self.prompts[name] = part
+            elif isinstance(part, Effect):
                 site_at(self.base_model, path, self.state).effects[name] = part
         record = AdapterRecord(name, config, parts)
         self.records[name] = record
@@ -75,11 +79,14 @@ class AdaptedModel(nn.Module):
         """Remove an adapter and its parts; sites left empty are unwrapped."""
         record = self._record(name)
         for path in record.parts:
+            if path == PROMPT_KEY:
+                del self.prompts[name]
+                continue
             site = self.base_model.get_submodule(path)
             if name in site.merged:
                 raise AdapterkitError(f"adapter {name!r} is merged: unmerge() it before deleting")
             del site.effects[name]
-            if not site.effects:
+            if not site.effects and not site.checkpointed:
                 replace_module(self.base_model, path, site.base_layer)
         del self.records[name]
         self.state.active = [n for n in self.state.active if n != name]
@@ -131,13 +138,54 @@ class AdaptedModel(nn.Module):
         """
         kwargs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                       position_ids=position_ids, inputs_embeds=inputs_embeds)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if self.training and self.is_gradient_checkpointing:
+            kwargs.setdefault("use_cache", False)  # a growing cache would be appended to twice by recomputation
         with self._rows(adapter_names, _batch_size((), kwargs)):
-            return self.base_model(**{k: v for k, v in kwargs.items() if v is not None})
+            prompt = self._running_prompt()
+            if prompt is None:
+                return self.base_model(**kwargs)
+            kwargs, virtual = prompt_inputs(self, prompt, kwargs)
+            return strip_virtual(self.base_model(**kwargs), virtual)
 
     def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
         """`transformers` generate with the KV cache; `adapter_names` as in forward."""
-        with self._rows(adapter_names, _batch_size(args, kwargs)):
-            return self.base_model.generate(*args, **kwargs)
+        if args:
+            kwargs["input_ids"] = args[0]
+        with self._rows(adapter_names, _batch_size((), kwargs)):
+            prompt = self._running_prompt()
+            if prompt is None:
+                return self.base_model.generate(**kwargs)
+            return prompt_generate(self, prompt, kwargs)
+
+    def _running_prompt(self):
+        """The prompt-family part that runs now, if any (at most one)."""
+        names = self.state.names_running(self.prompts.keys())
+        if not names:
+            return None
+        if self.state.row_adapters is not None:
+            raise AdapterkitError("mixed batches cannot include prompt-method adapters (their inputs differ in "
+                                  "length); run those rows as their own batch")
+        if len(names) > 1:
+            raise AdapterkitError(f"prompt adapters {names} are active together; activate one of them")
+        return self.prompts[names[0]]
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer in backward. adapterkit's own (non-reentrant) checkpointing
+        instead of transformers': that one drops the cache, and with it the prefixes of prefix methods."""
+        for i in range(self.layout.shape.layers):
+            site_at(self.base_model, self.layout.layer_path(i), self.state).checkpointed = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for i in range(self.layout.shape.layers):
+            module = self.base_model.get_submodule(self.layout.layer_path(i))
+            if isinstance(module, AdapterSite):
+                module.checkpointed = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        first = self.base_model.get_submodule(self.layout.layer_path(0))
+        return isinstance(first, AdapterSite) and first.checkpointed
 
     @property
     def config(self):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class Effect(nn.Module):
@@ -77,6 +78,7 @@ class AdapterSite(nn.Module):
         self.base_layer = base_layer
         self.effects = nn.ModuleDict()
         self.merged: list[str] = []
+        self.checkpointed = False  # recompute this module in backward (gradient checkpointing)
         object.__setattr__(self, "_state", state)  # shared, so never registered as a child
 
     def __getattr__(self, name: str):
@@ -88,7 +90,12 @@ class AdapterSite(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            return checkpoint(self._run, x, *args, use_reentrant=False, **kwargs)
+        return self._run(x, *args, **kwargs)
+
+    def _run(self, x: torch.Tensor, *args, **kwargs):
         names = [n for n in self._state.names_running(self.effects.keys()) if n not in self.merged]
         if not names:
             if self.merged and (self._state.disabled or self._state.row_adapters is not None):

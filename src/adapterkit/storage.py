@@ -54,6 +54,7 @@ def save_adapter(adapted, directory: Path, name: str) -> Path:
     record = adapted.records[name]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapted.adapter_state_dict(name).items()}
     check_tensors(tensors)
+    tensors.update(exported_tensors(record))
     meta = config_to_json(record.config)
     meta.update({
         "adapterkit_version": __version__,
@@ -63,6 +64,17 @@ def save_adapter(adapted, directory: Path, name: str) -> Path:
     })
     write_files(directory, {CONFIG_FILE: json.dumps(meta, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
     return directory
+
+
+def exported_tensors(record) -> dict[str, torch.Tensor]:
+    """Tensors a part saves beside its weights (a prompt encoder's output), keyed by part path."""
+    exported = {}
+    for path, part in record.parts.items():
+        if hasattr(part, "export_tensors"):
+            with torch.no_grad():
+                for key, t in part.export_tensors().items():
+                    exported[f"{path}.{key}"] = t.detach().float().cpu().contiguous()
+    return exported
 
 
 def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
@@ -127,13 +139,21 @@ def load_adapter(model, directory: str | Path, name: str = "default", trainable:
     config = config_from_json(meta)
     adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
     check_base(meta.get("base_model"), base_identity(adapted.base_model, adapted.tokenizer), force)
-    missing = [m for m in meta.get("modules", []) if not _has_module(adapted.base_model, m)]
+    missing = [m for m in meta.get("modules", []) if m != "prompt" and not _has_module(adapted.base_model, m)]
     if missing:
         raise AdapterkitError(f"the adapter was attached to {missing[0]}, which this model lacks "
                               f"({len(missing)} module(s) missing); it belongs to another base model")
-    adapted.add_adapter(config, name, trainable=trainable)
+    record = adapted.add_adapter(config, name, trainable=trainable)
     try:
+        exported = {k: tensors.pop(k) for k in list(exported_tensors(record)) if k in tensors}
         adapted.load_adapter_state_dict(tensors, name)
+        for key, expected in exported_tensors(record).items():
+            if key not in exported:
+                raise AdapterkitError(f"the adapter file lacks {key}; it was not saved by this adapterkit")
+            drift = (exported[key] - expected).abs().max().item()
+            if drift > 1e-4:
+                raise AdapterkitError(f"{key} recomputed from the saved weights differs from the saved one by "
+                                      f"{drift:.3g}; the adapter file is inconsistent")
     except AdapterkitError:
         adapted.delete(name)
         raise

@@ -1,3 +1,3 @@
 """Built-in methods; importing this package registers them."""
 
-from . import bottleneck, lora  # noqa: F401
+from . import bottleneck, lora, prompt  # noqa: F401

@@ -1,0 +1,309 @@
+"""Prompt methods: virtual tokens before the input, or prefixes before every layer's keys and values.
+
+- prompt-tuning (Lester et al. 2021): k trainable embeddings prepended to the input embeddings;
+- p-tuning (Liu et al. 2021): the k embeddings come from a prompt encoder (MLP, or LSTM + MLP);
+- prefix-tuning (Li & Liang 2021): k trainable key/value vectors in every layer, produced by a
+  reparameterisation MLP while training (prefix_projection);
+- p-tuning-v2 (Liu et al. 2022): the same deep prefixes trained directly, optionally in some layers.
+
+They act on the model's inputs only (inputs_embeds, attention_mask, labels, position_ids, and a
+pre-filled transformers Cache), so no family needs code of its own: the table gives the layer count,
+key/value heads and head size. Logits and hidden states come back with exactly the input's length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from ..config import AdapterConfig, Method, option, register_method
+from ..errors import AdapterkitError
+
+PROMPT_KEY = "prompt"
+
+
+@dataclass
+class PromptConfig(AdapterConfig):
+    method: ClassVar[str] = ""
+    num_virtual_tokens: int = option(20, "number k of virtual tokens (or prefix positions)")
+
+    def validate(self) -> None:
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+            raise AdapterkitError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        hidden = getattr(self, "encoder_hidden_size", 1)
+        if hidden is not None and (not isinstance(hidden, int) or hidden <= 0):
+            raise AdapterkitError(f"encoder_hidden_size must be a positive integer, got {hidden!r}")
+
+
+@dataclass
+class PromptTuningConfig(PromptConfig):
+    """Prompt Tuning: trainable virtual-token embeddings."""
+
+    method: ClassVar[str] = "prompt-tuning"
+    prompt_init: str = option("random", "random, vocab (embeddings of random vocabulary tokens) or text",
+                              flag="--prompt-init")
+    init_text: str | None = option(None, "with prompt_init=text: this text, tokenised, repeated or cut to k")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.prompt_init not in ("random", "vocab", "text"):
+            raise AdapterkitError(f"prompt_init must be random, vocab or text, got {self.prompt_init!r}")
+        if (self.prompt_init == "text") != bool(self.init_text):
+            raise AdapterkitError("prompt_init=text needs init_text, and init_text needs prompt_init=text")
+
+
+@dataclass
+class PTuningConfig(PromptConfig):
+    """P-Tuning: virtual tokens produced by a prompt encoder."""
+
+    method: ClassVar[str] = "p-tuning"
+    encoder_type: str = option("mlp", "mlp (two hidden layers) or lstm (bidirectional, with an MLP head)")
+    encoder_hidden_size: int | None = option(None, "hidden size of the encoder (default: the model's)")
+    encoder_dropout: float = option(0.0, "dropout inside the LSTM encoder")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.encoder_type not in ("mlp", "lstm"):
+            raise AdapterkitError(f"encoder_type must be mlp or lstm, got {self.encoder_type!r}")
+
+
+@dataclass
+class PrefixTuningConfig(PromptConfig):
+    """Prefix Tuning: per-layer key/value prefixes through a reparameterisation MLP."""
+
+    method: ClassVar[str] = "prefix-tuning"
+    prefix_projection: bool = option(True, "produce the prefixes with an MLP (reparameterisation)")
+    encoder_hidden_size: int | None = option(512, "hidden size of the projection MLP")
+    layers: list[int] | None = option(None, "prefixes in these layers only (the others get a fixed zero "
+                                      "prefix: k null keys/values that take a little attention)")
+
+
+@dataclass
+class PTuningV2Config(PrefixTuningConfig):
+    """P-Tuning v2: deep prompts, per-layer prefixes trained directly."""
+
+    method: ClassVar[str] = "p-tuning-v2"
+    prefix_projection: bool = option(False, "produce the prefixes with an MLP (reparameterisation)")
+
+
+class PromptPart(nn.Module):
+    """Base of the prompt modules; `kind` says whether they add embeddings or cache prefixes."""
+
+    kind = "embeddings"
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def final(self) -> torch.Tensor:
+        """The virtual embeddings [k, d] or prefixes [layers, 2, kv_heads, k, head_dim] in use now."""
+        raise NotImplementedError
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Saved beside the trainable weights, so inference needs no encoder (and load can check it)."""
+        return {"final": self.final().detach()}
+
+
+class VirtualTokens(PromptPart):
+    def __init__(self, k: int, init: torch.Tensor):
+        super().__init__(k)
+        self.embedding = nn.Embedding(k, init.shape[1])
+        with torch.no_grad():
+            self.embedding.weight.copy_(init)
+
+    def final(self) -> torch.Tensor:
+        return self.embedding.weight
+
+
+class PromptEncoder(PromptPart):
+    """P-Tuning's encoder: trainable inputs through an MLP, or a bidirectional LSTM and an MLP head."""
+
+    def __init__(self, k: int, dim: int, config: PTuningConfig):
+        super().__init__(k)
+        hidden = config.encoder_hidden_size or dim
+        self.embedding = nn.Embedding(k, dim)
+        self.lstm = None
+        if config.encoder_type == "lstm":
+            self.lstm = nn.LSTM(dim, hidden, num_layers=2, dropout=config.encoder_dropout, bidirectional=True,
+                                batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, dim))
+
+    def final(self) -> torch.Tensor:
+        x = self.embedding.weight
+        if self.lstm is not None:
+            x = self.lstm(x.unsqueeze(0))[0].squeeze(0)
+        return self.mlp(x)
+
+
+class Prefix(PromptPart):
+    """Per-layer key/value prefixes, directly or through a projection MLP."""
+
+    kind = "prefix"
+
+    def __init__(self, k: int, shape, config: PrefixTuningConfig, layers: list[int], embed_dim: int):
+        super().__init__(k)
+        self.layers, self.num_layers = layers, shape.layers
+        self.kv_heads, self.head_dim = shape.kv_heads, shape.head_dim
+        width = len(layers) * 2 * shape.kv_heads * shape.head_dim
+        if config.prefix_projection:
+            self.embedding = nn.Embedding(k, embed_dim)
+            hidden = config.encoder_hidden_size or embed_dim
+            self.projection = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
+        else:
+            self.embedding = nn.Embedding(k, width)
+            self.projection = None
+
+    def final(self) -> torch.Tensor:
+        flat = self.embedding.weight if self.projection is None else self.projection(self.embedding.weight)
+        # PEFT's flattening order: [k, layers, (key, value), heads, head_dim]
+        per_layer = flat.view(self.k, len(self.layers), 2, self.kv_heads, self.head_dim).permute(1, 2, 3, 0, 4)
+        if len(self.layers) == self.num_layers:
+            return per_layer
+        full = per_layer.new_zeros(self.num_layers, *per_layer.shape[1:])
+        return full.index_copy(0, torch.tensor(self.layers, device=flat.device), per_layer)
+
+
+# ----- attaching -------------------------------------------------------------------------------
+def _init_embeddings(adapted, config: PromptTuningConfig, dim: int) -> torch.Tensor:
+    embeddings = adapted.base_model.get_input_embeddings()
+    k = config.num_virtual_tokens
+    if config.prompt_init == "random":
+        return torch.randn(k, dim) * 0.02
+    if config.prompt_init == "vocab":
+        ids = torch.randint(0, embeddings.num_embeddings, (k,))
+    else:
+        if adapted.tokenizer is None:
+            raise AdapterkitError("prompt_init=text needs the tokenizer: adapt(model, config, tokenizer=...)")
+        tokens = adapted.tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise AdapterkitError("init_text tokenises to nothing; give a non-empty text")
+        ids = torch.tensor((tokens * (k // len(tokens) + 1))[:k])
+    with torch.no_grad():  # through the module, so scaled embeddings (Gemma) come out as the model sees them
+        return embeddings(ids.to(embeddings.weight.device)).float().cpu()
+
+
+def attach_prompt(adapted, config: PromptConfig) -> dict[str, nn.Module]:
+    dim = adapted.base_model.get_input_embeddings().embedding_dim
+    k = config.num_virtual_tokens
+    if isinstance(config, PromptTuningConfig):
+        part: PromptPart = VirtualTokens(k, _init_embeddings(adapted, config, dim))
+    elif isinstance(config, PTuningConfig):
+        part = PromptEncoder(k, dim, config)
+    else:
+        layout = adapted.layout
+        part = Prefix(k, layout.shape, config, layout.layer_indices(config.layers), dim)
+    return {PROMPT_KEY: part}
+
+
+# ----- running ---------------------------------------------------------------------------------
+def _extend_mask(mask: torch.Tensor | None, batch: int, length: int, k: int, device) -> torch.Tensor:
+    ones = torch.ones(batch, k, dtype=torch.long if mask is None else mask.dtype, device=device)
+    mask = torch.ones(batch, length, dtype=ones.dtype, device=device) if mask is None else mask
+    return torch.cat([ones, mask], dim=1)
+
+
+def _check_positions(adapted, length: int, k: int) -> None:
+    limit = adapted.layout.shape.max_positions
+    if limit is not None and k + length > limit:
+        raise AdapterkitError(f"{k} virtual tokens + {length} input tokens run past the model's {limit} "
+                              "positions; shorten the input or use fewer virtual tokens")
+
+
+class PrefixLayer(DynamicLayer):
+    """Holds a fixed prefix and answers prefix + new keys without storing them, so a layer that
+    gradient checkpointing runs twice gets the same keys twice."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+class PrefixCache(DynamicCache):
+    """A training-time cache of PrefixLayers (nothing to continue from, nothing stored)."""
+
+    def __init__(self, layers: list[DynamicLayer]):
+        Cache.__init__(self, layers=layers)
+
+
+def prefix_cache(part: Prefix, batch: int, dtype: torch.dtype, training: bool) -> DynamicCache:
+    """The prefixes as a transformers cache: growing (generation) or fixed (training)."""
+    prefixes = part.final().to(dtype)
+    per_layer = [(keys.unsqueeze(0).expand(batch, -1, -1, -1), values.unsqueeze(0).expand(batch, -1, -1, -1))
+                 for keys, values in prefixes]
+    if not training:
+        return DynamicCache(ddp_cache_data=per_layer)
+    layers = []
+    for keys, values in per_layer:
+        layer = PrefixLayer()
+        DynamicLayer.update(layer, keys, values)
+        layers.append(layer)
+    return PrefixCache(layers)
+
+
+def prompt_inputs(adapted, part: PromptPart, kwargs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The base model's inputs with the virtual tokens or prefixes added; returns (kwargs, tokens to strip)."""
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return kwargs, 0  # a continuing cache holds the prompt already
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    batch, length = (ids if ids is not None else embeds).shape[:2]
+    device = (ids if ids is not None else embeds).device
+    k = part.k
+    _check_positions(adapted, length, k)
+    kwargs = dict(kwargs)
+    kwargs["attention_mask"] = _extend_mask(kwargs.get("attention_mask"), batch, length, k, device)
+    if part.kind == "prefix":
+        dtype = next(adapted.base_model.parameters()).dtype
+        kwargs["cache"] = prefix_cache(part, batch, dtype, adapted.training)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + k
+        return kwargs, 0
+    if embeds is None:
+        embeds = adapted.base_model.get_input_embeddings()(kwargs.pop("input_ids"))
+    virtual = part.final().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+    kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
+    if kwargs.get("labels") is not None:
+        labels = kwargs["labels"]
+        kwargs["labels"] = torch.cat([labels.new_full((batch, k), -100), labels], dim=1)
+    if kwargs.get("position_ids") is not None:
+        positions = kwargs["position_ids"]
+        kwargs["position_ids"] = torch.cat([torch.arange(k, device=device).expand(batch, k), positions + k], dim=1)
+    return kwargs, k
+
+
+def strip_virtual(output, k: int):
+    """Cut the virtual positions off logits and hidden states: outputs match the input's length."""
+    if k == 0:
+        return output
+    if getattr(output, "logits", None) is not None:
+        output.logits = output.logits[:, k:]
+    if getattr(output, "hidden_states", None) is not None:
+        output.hidden_states = tuple(h[:, k:] for h in output.hidden_states)
+    return output
+
+
+def prompt_generate(adapted, part: PromptPart, kwargs: dict[str, Any]):
+    """generate() with the prompt injected once: embeddings at prefill, or a pre-filled cache."""
+    ids = kwargs.pop("input_ids", None)
+    if ids is None:
+        raise AdapterkitError("generate with a prompt method needs input_ids")
+    kwargs["input_ids"] = ids
+    inputs, _ = prompt_inputs(adapted, part, kwargs)
+    if part.kind == "prefix":
+        return adapted.base_model.generate(**inputs)
+    out = adapted.base_model.generate(**inputs)  # given inputs_embeds only, generate returns the new tokens
+    return torch.cat([ids, out], dim=1)
+
+
+for _config, _summary in (
+        (PromptTuningConfig, "trainable virtual-token embeddings before the input"),
+        (PTuningConfig, "virtual tokens from a prompt encoder (MLP or LSTM)"),
+        (PrefixTuningConfig, "per-layer key/value prefixes through a reparameterisation MLP"),
+        (PTuningV2Config, "deep prompts: per-layer prefixes trained directly")):
+    register_method(Method(_config.method, _config, attach_prompt, family="prompt", summary=_summary,
+                           mergeable=False))
