@@ -6,11 +6,8 @@ its random initial weights, the other the adapterkit method loaded with those sa
 logits at the real input positions must agree (PEFT's prompt-tuning/P-Tuning logits start with the k
 virtual positions, adapterkit's do not), with and without explicit position ids, and must differ
 clearly from the plain base model's logits. LLaMA has grouped key/value heads (4 heads, 2 kv heads),
-so the prefix is sized by kv_heads * head_dim; GPT-2 has learned absolute positions.
-
-One layout difference is bridged, not hidden: for prefix tuning with projection on a GQA model PEFT's
-virtual-token embeddings are kv_heads * head_dim wide, adapterkit's are hidden_size wide; PEFT's
-embedding and first projection weight are zero-padded to adapterkit's width (the same function).
+so the prefix (and the projection's input embedding) is sized by kv_heads * head_dim, as PEFT's;
+GPT-2 has learned absolute positions.
 """
 
 import peft
@@ -66,16 +63,6 @@ def _peft_tensors(peft_model):
     return tensors
 
 
-def _widen(tensors, own):
-    """Zero-pad PEFT's narrower prefix embedding (GQA: kv_heads * head_dim) to adapterkit's hidden width."""
-    for key in ("prompt.embedding.weight", "prompt.projection.0.weight"):
-        small, target = tensors[key], own[key]
-        if small.shape != target.shape:
-            assert small.shape[0] == target.shape[0] and small.shape[1] < target.shape[1]
-            tensors[key] = torch.cat([small, small.new_zeros(small.shape[0], target.shape[1] - small.shape[1])], 1)
-    return tensors
-
-
 def _build_pair(family, method):
     """(peft_model, adapted) on identical bases, adapterkit loaded with PEFT's random prompt weights."""
     peft_config, ak_config, _ = METHODS[method]
@@ -85,8 +72,6 @@ def _build_pair(family, method):
     adapted.eval()
     own = adapted.adapter_state_dict()
     assert sorted(own) == sorted(tensors)
-    if method == "prefix-projection":
-        tensors = _widen(tensors, own)
     assert {k: v.shape for k, v in own.items()} == {k: v.shape for k, v in tensors.items()}
     adapted.load_adapter_state_dict(tensors)
     return peft_model, adapted

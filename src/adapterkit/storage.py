@@ -73,7 +73,7 @@ def exported_tensors(record) -> dict[str, torch.Tensor]:
         if hasattr(part, "export_tensors"):
             with torch.no_grad():
                 for key, t in part.export_tensors().items():
-                    exported[f"{path}.{key}"] = t.detach().float().cpu().contiguous()
+                    exported[f"{path}.{key}"] = t.detach().float().cpu().clone().contiguous()  # not a view of a weight
     return exported
 
 

@@ -147,15 +147,16 @@ class Prefix(PromptPart):
 
     kind = "prefix"
 
-    def __init__(self, k: int, shape, config: PrefixTuningConfig, layers: list[int], embed_dim: int):
+    def __init__(self, k: int, shape, config: PrefixTuningConfig, layers: list[int]):
         super().__init__(k)
         self.layers, self.num_layers = layers, shape.layers
         self.kv_heads, self.head_dim = shape.kv_heads, shape.head_dim
-        width = len(layers) * 2 * shape.kv_heads * shape.head_dim
+        token_dim = shape.kv_heads * shape.head_dim  # one layer's keys (PEFT's width, so its files load)
+        width = len(layers) * 2 * token_dim
         if config.prefix_projection:
-            self.embedding = nn.Embedding(k, embed_dim)
-            hidden = config.encoder_hidden_size or embed_dim
-            self.projection = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
+            self.embedding = nn.Embedding(k, token_dim)
+            hidden = config.encoder_hidden_size or token_dim
+            self.projection = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
         else:
             self.embedding = nn.Embedding(k, width)
             self.projection = None
@@ -198,7 +199,7 @@ def attach_prompt(adapted, config: PromptConfig) -> dict[str, nn.Module]:
         part = PromptEncoder(k, dim, config)
     else:
         layout = adapted.layout
-        part = Prefix(k, layout.shape, config, layout.layer_indices(config.layers), dim)
+        part = Prefix(k, layout.shape, config, layout.layer_indices(config.layers))
     return {PROMPT_KEY: part}
 
 
@@ -268,8 +269,10 @@ def prompt_inputs(adapted, part: PromptPart, kwargs: dict[str, Any]) -> tuple[di
     virtual = part.final().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
     kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
     if kwargs.get("labels") is not None:
+        # The virtual tokens predict nothing, not even the first real token: the loss stays the one a
+        # loss function computes from the returned (input-length) logits and the given labels.
         labels = kwargs["labels"]
-        kwargs["labels"] = torch.cat([labels.new_full((batch, k), -100), labels], dim=1)
+        kwargs["labels"] = torch.cat([labels.new_full((batch, k + 1), -100), labels[:, 1:]], dim=1)
     if kwargs.get("position_ids") is not None:
         positions = kwargs["position_ids"]
         kwargs["position_ids"] = torch.cat([torch.arange(k, device=device).expand(batch, k), positions + k], dim=1)

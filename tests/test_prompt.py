@@ -1,0 +1,168 @@
+"""Prompt Tuning, P-Tuning, Prefix Tuning and P-Tuning v2 on every family."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import FAMILIES, tiny_batch, tiny_model, tiny_tokenizer
+
+import adapterkit as ak
+from adapterkit.architectures import ModelLayout
+from adapterkit.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config
+from adapterkit.training import causal_lm_loss, train_steps
+
+K = 4
+CONFIGS = {
+    "prompt-tuning": lambda: PromptTuningConfig(num_virtual_tokens=K),
+    "p-tuning": lambda: PTuningConfig(num_virtual_tokens=K, encoder_hidden_size=16),
+    "prefix-tuning": lambda: PrefixTuningConfig(num_virtual_tokens=K, encoder_hidden_size=16),
+    "p-tuning-v2": lambda: PTuningV2Config(num_virtual_tokens=K),
+}
+
+
+def _cycle(batch):
+    while True:
+        yield batch
+
+
+@torch.no_grad()
+def _greedy_without_cache(adapted, ids, mask, steps):
+    """Recompute the whole sequence at every step: the oracle for cached generation."""
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = adapted(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids
+
+
+def _until_end(row, eos=2):
+    row = row.tolist()
+    return row[: row.index(eos) + 1] if eos in row else row
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_method_on_family(family, method, tmp_path):
+    batch = tiny_batch()
+    adapted = ak.adapt(tiny_model(family), CONFIGS[method]())
+    out = adapted(**batch, output_hidden_states=True)
+    assert out.logits.shape[:2] == batch["input_ids"].shape  # exactly the input's length
+    assert all(h.shape[1] == batch["input_ids"].shape[1] for h in out.hidden_states)
+    assert torch.allclose(out.loss, causal_lm_loss(out.logits, batch["labels"]), atol=1e-5)
+    with torch.no_grad(), adapted.disabled():
+        assert (adapted(**batch).logits - out.logits).abs().max() > 1e-5  # the prompt changes the output
+
+    losses = train_steps(adapted, _cycle(batch), 30, lr=5e-2)
+    assert losses[-1] < losses[0] - 0.02, losses
+
+    # Cached generation with left padding equals recomputing without a cache.
+    ids = batch["input_ids"][:, :6].clone()
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ids[1, :2] = 0
+    cached = adapted.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                              pad_token_id=0, eos_token_id=2)
+    recomputed = _greedy_without_cache(adapted, ids, mask, 5)
+    for row in range(2):
+        assert _until_end(cached[row, 6:]) == _until_end(recomputed[row, 6:])
+
+    # Save -> load gives identical logits; save -> resume training continues identically.
+    with torch.no_grad():
+        trained = adapted(**batch).logits
+    adapted.save(tmp_path)
+    assert "prompt.final" in load_file(tmp_path / "adapter_model.safetensors")  # usable without the encoder
+    reloaded = ak.load(tiny_model(family), tmp_path, trainable=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, trained)
+    torch.manual_seed(1)  # some families train with dropout: same seed, same masks
+    train_steps(adapted, _cycle(batch), 2, lr=1e-2)
+    torch.manual_seed(1)
+    train_steps(reloaded, _cycle(batch), 2, lr=1e-2)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, adapted(**batch).logits)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    batch = tiny_batch()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        adapted = ak.adapt(tiny_model("llama"), CONFIGS[method]())
+        if checkpointing:
+            adapted.gradient_checkpointing_enable()
+        adapted.train()
+        adapted(**batch).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in adapted.parameters() if p.requires_grad]))
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_prompt_past_learned_positions_is_a_clear_error(family):
+    adapted = ak.adapt(tiny_model(family), PromptTuningConfig(num_virtual_tokens=8))
+    ids = torch.randint(3, 100, (1, 60))
+    with pytest.raises(ak.AdapterkitError, match="8 virtual tokens \\+ 60 input tokens run past the model's 64"):
+        adapted(input_ids=ids)
+
+
+@torch.no_grad()
+def test_batched_generation_equals_one_row_at_a_time():
+    adapted = ak.adapt(tiny_model("llama"), PrefixTuningConfig(num_virtual_tokens=K, encoder_hidden_size=16))
+    adapted.eval()
+    short, long = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9, 10, 11, 12]])
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    both = adapted.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                            eos_token_id=None)
+    alone = [adapted.generate(input_ids=x, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+             for x in (short, long)]
+    assert both[0, 5:].tolist() == alone[0][0, 3:].tolist()
+    assert both[1, 5:].tolist() == alone[1][0, 5:].tolist()
+
+
+def test_prompt_init_from_text_and_vocabulary():
+    model = tiny_model("llama")
+    tokenizer = tiny_tokenizer()
+    adapted = ak.adapt(model, PromptTuningConfig(num_virtual_tokens=5, prompt_init="text", init_text="ab"),
+                       tokenizer=tokenizer)
+    ids = tokenizer("ababa", add_special_tokens=False)["input_ids"]  # repeated to length k
+    expected = model.get_input_embeddings().weight[ids]
+    assert torch.equal(adapted.prompts["default"].final(), expected)
+    vocab = ak.adapt(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=3, prompt_init="vocab"))
+    rows = vocab.prompts["default"].final()
+    table = vocab.base_model.get_input_embeddings().weight
+    assert all((table == row).all(-1).any() for row in rows)
+    with pytest.raises(ak.AdapterkitError, match="needs the tokenizer"):
+        ak.adapt(tiny_model("llama"), PromptTuningConfig(prompt_init="text", init_text="hi"))
+
+
+def test_parameter_counts_and_layer_subset():
+    shape = ModelLayout(tiny_model("llama")).shape
+    prompt = ak.adapt(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=K))
+    assert prompt.trainable_parameters()[0] == K * 32
+    deep = ak.adapt(tiny_model("llama"), PTuningV2Config(num_virtual_tokens=K))
+    assert deep.trainable_parameters()[0] == K * shape.layers * 2 * shape.kv_heads * shape.head_dim
+    subset = ak.adapt(tiny_model("llama"), PTuningV2Config(num_virtual_tokens=K, layers=[1]))
+    assert subset.trainable_parameters()[0] == K * 2 * shape.kv_heads * shape.head_dim
+    prefixes = subset.prompts["default"].final()
+    assert prefixes.shape == (2, 2, shape.kv_heads, K, shape.head_dim)
+    assert torch.equal(prefixes[0], torch.zeros_like(prefixes[0])) and prefixes[1].abs().sum() > 0
+
+
+def test_inconsistent_saved_prompt_is_refused(tmp_path):
+    adapted = ak.adapt(tiny_model("llama"), PTuningConfig(num_virtual_tokens=K))
+    adapted.save(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["prompt.final"] = tensors["prompt.final"] + 0.1
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ak.AdapterkitError, match="prompt.final recomputed"):
+        ak.load(tiny_model("llama"), tmp_path)
+
+
+def test_lstm_encoder_trains():
+    batch = tiny_batch()
+    adapted = ak.adapt(tiny_model("qwen2"), PTuningConfig(num_virtual_tokens=K, encoder_type="lstm",
+                                                           encoder_hidden_size=8))
+    losses = train_steps(adapted, _cycle(batch), 20, lr=3e-2)
+    assert losses[-1] < losses[0] - 0.02
