@@ -119,10 +119,16 @@ def test_module_entry_point_exit_code(tmp_path):
     ("adapter-p", ["--reduction-factor", "8", "--scaling", "learned"]),
     ("parallel", ["--bottleneck-size", "4", "--location", "both", "--adapter-init", "normal"]),
     ("parallel", ["--preset", "llm-adapters", "--bottleneck-size", "4"]),
+    ("prompt-tuning", ["--num-virtual-tokens", "3", "--prompt-init", "text", "--init-text", "Add"]),
+    ("p-tuning", ["--num-virtual-tokens", "3", "--encoder-type", "lstm", "--encoder-hidden-size", "8"]),
+    ("prefix-tuning", ["--num-virtual-tokens", "3", "--encoder-hidden-size", "8"]),
+    ("p-tuning-v2", ["--num-virtual-tokens", "3", "--layers", "1", "--prefix-projection"]),
 ])
-def test_train_and_generate_each_bottleneck_method(tiny_gpt2_dir, data_file, tmp_path, capsys, method, flags):
+def test_train_generate_each_non_mergeable_method(tiny_gpt2_dir, data_file, tmp_path, capsys, method, flags):
     out = tmp_path / "run"
-    assert main(_train_args(tiny_gpt2_dir, data_file, out, "--method", method, *flags)) == 0
+    _fails_cleanly(_train_args(tiny_gpt2_dir, data_file, out, "--method", "prompt-tuning", "--cutoff-len", "70"),
+                   capsys, "--cutoff-len 70 + 20 virtual tokens exceeds the model's 64 positions")
+    assert main(_train_args(tiny_gpt2_dir, data_file, out, "--method", method, *flags, "--cutoff-len", "48")) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["method"] == method
     capsys.readouterr()

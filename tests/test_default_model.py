@@ -40,7 +40,12 @@ METHOD_CONFIGS = {
     "adapter-h": lambda: ak.get_method("adapter-h").config_class(bottleneck_size=32),
     "adapter-p": lambda: ak.get_method("adapter-p").config_class(bottleneck_size=32),
     "parallel": lambda: ak.get_method("parallel").config_class(bottleneck_size=32),
+    "prompt-tuning": lambda: ak.get_method("prompt-tuning").config_class(num_virtual_tokens=10),
+    "p-tuning": lambda: ak.get_method("p-tuning").config_class(num_virtual_tokens=10, encoder_hidden_size=128),
+    "prefix-tuning": lambda: ak.get_method("prefix-tuning").config_class(num_virtual_tokens=10),
+    "p-tuning-v2": lambda: ak.get_method("p-tuning-v2").config_class(num_virtual_tokens=10),
 }
+LEARNING_RATES = {"prompt-tuning": 3e-2, "p-tuning": 1e-2, "prefix-tuning": 1e-2, "p-tuning-v2": 3e-2}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
@@ -55,7 +60,7 @@ def test_method_trains_ten_steps_and_loss_falls(records, method):
     def cycle():
         while True:
             yield from batches
-    train_steps(adapted, cycle(), 10, lr=2e-3)
+    train_steps(adapted, cycle(), 10, lr=LEARNING_RATES.get(method, 2e-3))
     after = _loss(adapted, batches)
     print(f"{method}: loss on the 16 records {before:.4f} -> {after:.4f}")
     assert after < before - 0.05, (before, after)

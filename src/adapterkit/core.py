@@ -29,6 +29,7 @@ class AdapterRecord:
     name: str
     config: AdapterConfig
     parts: dict[str, nn.Module]
+    merged: bool = False
 
 
 class AdaptedModel(nn.Module):
@@ -78,13 +79,13 @@ class AdaptedModel(nn.Module):
     def delete(self, name: str) -> None:
         """Remove an adapter and its parts; sites left empty are unwrapped."""
         record = self._record(name)
+        if record.merged:
+            raise AdapterkitError(f"adapter {name!r} is merged: unmerge() it before deleting")
         for path in record.parts:
             if path == PROMPT_KEY:
                 del self.prompts[name]
                 continue
             site = self.base_model.get_submodule(path)
-            if name in site.merged:
-                raise AdapterkitError(f"adapter {name!r} is merged: unmerge() it before deleting")
             del site.effects[name]
             if not site.effects and not site.checkpointed:
                 replace_module(self.base_model, path, site.base_layer)
@@ -263,6 +264,8 @@ class AdaptedModel(nn.Module):
         """Fold an adapter into the base weights (exact algebra in fp32); forward then skips it."""
         name = name or self._single_name()
         record = self._record(name)
+        if record.merged:
+            raise AdapterkitError(f"adapter {name!r} is already merged")
         not_mergeable = [p for p, part in record.parts.items() if not getattr(part, "mergeable", False)]
         if not_mergeable:
             raise AdapterkitError(
@@ -275,10 +278,9 @@ class AdaptedModel(nn.Module):
                                       f"its trained copy would change both; keep adapter {name!r} unmerged")
         for path, part in record.parts.items():
             site = self.base_model.get_submodule(path)
-            if name in site.merged:
-                raise AdapterkitError(f"adapter {name!r} is already merged")
             part.merge_into(site.base_layer, +1.0)
             site.merged.append(name)
+        record.merged = True
 
     def _tied_parameters(self) -> set[int]:
         """ids of base parameters registered under more than one module."""
@@ -291,17 +293,19 @@ class AdaptedModel(nn.Module):
     def unmerge(self, name: str | None = None) -> None:
         """Undo `merge`."""
         name = name or self._single_name()
-        for path, part in self._record(name).parts.items():
+        record = self._record(name)
+        if not record.merged:
+            raise AdapterkitError(f"adapter {name!r} is not merged")
+        for path, part in record.parts.items():
             site = self.base_model.get_submodule(path)
-            if name not in site.merged:
-                raise AdapterkitError(f"adapter {name!r} is not merged")
             part.merge_into(site.base_layer, -1.0)
             site.merged.remove(name)
+        record.merged = False
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapters and return the plain transformers model, sites removed."""
         for name in self.state.active:
-            if not all(name in self.base_model.get_submodule(p).merged for p in self.records[name].parts):
+            if not self.records[name].merged:
                 self.merge(name)
         for path, _ in list(self.sites()):
             replace_module(self.base_model, path, self.base_model.get_submodule(path).base_layer)

@@ -85,6 +85,15 @@ def known_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_length(adapted, cutoff: int, virtual: int) -> None:
+    """Learned absolute positions bound the length: say so before training, not at the first long batch."""
+    limit = adapted.layout.shape.max_positions
+    if limit is not None and cutoff + virtual > limit:
+        extra = f" + {virtual} virtual tokens" if virtual else ""
+        raise AdapterkitError(f"--cutoff-len {cutoff}{extra} exceeds the model's {limit} positions; "
+                              f"use --cutoff-len {limit - virtual} or less")
+
+
 def micro_batches(examples: list[dict], size: int, pad_id: int, seed: int) -> Iterator[dict]:
     """Endless shuffled micro-batches, reshuffled each epoch from a fixed seed."""
     rng = random.Random(seed)
@@ -107,6 +116,7 @@ def train(settings: TrainSettings) -> dict:
     template = Template(settings.template)
     examples = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in records]
     adapted = adapt(model, config, tokenizer=tokenizer)
+    check_length(adapted, settings.cutoff_len, getattr(config, "num_virtual_tokens", 0))
     accumulation = settings.batch_size // settings.micro_batch_size
     steps = settings.max_steps or max(1, settings.num_epochs * len(examples) // settings.batch_size)
     print(f"{settings.method}: {adapted.report()}; {len(examples)} examples, {steps} steps", flush=True)
