@@ -24,17 +24,20 @@ def data_file(tmp_path):
 def _train_args(model_dir, data_file, output, *extra):
     return ["train", "--model", str(model_dir), "--data", str(data_file), "--output", str(output),
             "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "3", "--learning-rate", "1e-2",
-            "--cutoff-len", "64", *extra]
+            "--cutoff-len", "64", "--val-set-size", "4", "--warmup-steps", "0", *extra]
 
 
 def test_train_generate_merge(tiny_llama_dir, data_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_train_args(tiny_llama_dir, data_file, out, "--lora-r", "4", "--target-modules", "q_proj,v_proj")) == 0
-    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "run.json"} <= {
-        p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "run.json", "loss.png",
+            "config.yaml", "checkpoints", "best", "last"} <= {p.name for p in out.iterdir()}
     run = json.loads((out / "run.json").read_text())
     assert run["adapter_config"]["r"] == 4 and run["adapter_config"]["target_modules"] == ["q_proj", "v_proj"]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert run["train_examples"] == 12 and run["validation_examples"] == 4 and run["steps"] == 3
+    assert len(run["data_sha256"]) == 64 and run["versions"]["torch"].startswith("2.")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and [r["step"] for r in rows if "val_loss" in r] == [3]
 
     capsys.readouterr()
     assert main(["generate", "--model", str(tiny_llama_dir), "--adapter", str(out), "--prompt", "Add 1 and 2.",

@@ -101,25 +101,33 @@ def build_parser() -> Parser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--method", help="also attach this method (default options) and report trainable parameters")
 
-    p = sub.add_parser("train", help="fine-tune an adapter")
+    p = sub.add_parser("train", help="fine-tune an adapter (flags as LLM-Adapters' finetune.py)")
+    p.add_argument("--config", help="YAML file with the same keys as these flags; flags given here win")
     p.add_argument("--method", default="lora")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--data", required=True, help="JSON list or JSONL of instruction/input/output records")
-    p.add_argument("--output", required=True)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--data", help="JSON list or JSONL of instruction/input/output records")
+    p.add_argument("--output", help="folder for the adapter, checkpoints, metrics.jsonl, loss.png, run.json")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch, all processes together")
     p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--num-epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--num-epochs", type=int, default=3)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--learning-rate", type=float, default=3e-4)
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--val-set-size", type=int, default=2000, help="records held out for validation (0: none)")
     p.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--eval-steps", type=int, default=200)
+    p.add_argument("--save-steps", type=int, default=200)
+    p.add_argument("--save-total-limit", type=int, default=3, help="checkpoints kept")
     p.add_argument("--template", default="alpaca", help="alpaca, bare or chat")
     p.add_argument("--limit", type=int, help="use only the first N records")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--precision", default="fp32", help="fp32, or bf16 (bf16 base + autocast, fp32 adapter)")
+    p.add_argument("--resume", help="'auto' (latest checkpoint in --output) or a checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     add_method_options(p)
+    parser.train_parser = p  # --config reads its flag names
 
     p = sub.add_parser("generate", help="generate text, with or without an adapter")
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -129,6 +137,24 @@ def build_parser() -> Parser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
+    p.add_argument("--force", action="store_true", help="load an adapter trained on another base model")
+
+    p = sub.add_parser("eval", help="evaluate a model (with an adapter) on an LLM-Adapters task file")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--adapter")
+    p.add_argument("--task", help="gsm8k, AddSub, MultiArith, SingleEq, AQuA, mawps, mathqa, boolq, piqa, "
+                                  "social_i_qa, ARC-Easy, openbookqa, ... (resolves to DIR/dataset/TASK/test.json)")
+    p.add_argument("--data", help="any test file in LLM-Adapters' JSON format (with --task-type)")
+    p.add_argument("--task-type", choices=("math", "choice", "boolean"), help="how --data answers are scored")
+    p.add_argument("--data-dir", help="LLM-Adapters' data folder (default: the data bundled in the repository)")
+    p.add_argument("--train-data", help="training file for the contamination check (default: the adapter's run.json)")
+    p.add_argument("--output", help="folder for results.json and predictions.jsonl (default runs/eval/[ADAPTER-]TASK)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N items")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--num-beams", type=int, default=1, help="1: greedy decoding; more: beam search")
+    p.add_argument("--template", default="alpaca", help="alpaca, bare or chat")
+    p.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (the dtype the model is loaded in)")
     p.add_argument("--force", action="store_true", help="load an adapter trained on another base model")
 
     p = sub.add_parser("merge", help="merge an adapter into the base and write a plain HF checkpoint")
@@ -142,6 +168,37 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--output", default="runs/demo")
     return parser
+
+
+def apply_yaml(train_parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+    """Fill `args` from the --config YAML wherever the command line did not give the flag."""
+    import yaml
+
+    path = args.config
+    try:
+        values = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    except OSError as exc:
+        raise AdapterkitError(f"--config {path}: cannot read it ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise AdapterkitError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(values, dict):
+        raise AdapterkitError(f"--config {path}: expected a mapping of flag names to values")
+    actions = {a.dest: a for a in train_parser._actions}
+    given = {a.dest for a in train_parser._actions
+             if any(arg == flag or arg.startswith(flag + "=") for flag in a.option_strings for arg in argv)}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        dest = dest if dest in actions else f"opt_{dest}"
+        if dest not in actions or dest in ("config", "help"):
+            raise AdapterkitError(f"--config {path}: unknown key {key!r}; use the names of the train flags")
+        if dest in given:
+            continue  # the command line wins
+        convert = actions[dest].type
+        if isinstance(value, list) and convert is not None and convert not in (int, float, str):
+            value = convert(",".join(map(str, value)))
+        elif isinstance(value, str) and convert is not None:
+            value = convert(value)
+        setattr(args, dest, value)
 
 
 def cmd_methods(args) -> None:
@@ -159,7 +216,7 @@ def cmd_info(args) -> None:
     from .architectures import ModelLayout, linear_module_names
     from .core import adapt
     from .models import load_model
-    from .recipes import method_config
+    from .train import method_config
 
     model, _ = load_model(args.model)
     layout = ModelLayout(model)
@@ -174,12 +231,17 @@ def cmd_info(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .recipes import TrainSettings, train
+    from .train import TrainSettings, train
 
-    fields = {k: v for k, v in vars(args).items() if not k.startswith("opt_") and k not in ("command",)}
+    for required in ("data", "output"):
+        if getattr(args, required) is None:
+            raise AdapterkitError(f"train needs --{required} (as a flag or a key of --config)")
+    fields = {k: v for k, v in vars(args).items() if not k.startswith("opt_") and k not in ("command", "config")}
     options = method_options(args)
     run = train(TrainSettings(**fields, method_options=options))
-    print(f"loss {run['first_loss']:.4f} -> {run['final_loss']:.4f}; adapter saved in {args.output}")
+    if run:  # the main process
+        print(f"loss {run['first_loss']:.4f} -> {run['final_loss']:.4f}; adapter ({run['adapter']}) saved in "
+              f"{args.output}")
 
 
 def cmd_generate(args) -> None:
@@ -191,6 +253,17 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_for_inference(args.model, args.adapter, force=args.force)
     print(generate(model, tokenizer, [prompt], args.template, args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p)[0])
+
+
+def cmd_eval(args) -> None:
+    from .evaluation import format_table, run_eval
+
+    results = run_eval(args.model, args.adapter, task=args.task, data=args.data, data_dir=args.data_dir,
+                       task_type=args.task_type, train_data=args.train_data, output=args.output,
+                       limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       num_beams=args.num_beams, template=args.template, dtype=args.precision, force=args.force)
+    print(format_table(results))
+    print(f"written: {results['output']}/results.json, {results['output']}/predictions.jsonl")
 
 
 def cmd_merge(args) -> None:
@@ -208,10 +281,16 @@ def cmd_demo(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        if getattr(args, "config", None):
+            apply_yaml(parser.train_parser, args, sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return int(exc.code or 0)
+    except AdapterkitError as exc:
+        print(f"adapterkit: error: {exc}", file=sys.stderr)
+        return 2
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

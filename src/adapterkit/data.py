@@ -121,3 +121,33 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int, side: str = "righ
         if "labels" in example:
             labels[row, span] = torch.tensor(example["labels"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_batches(lengths: list[int], micro_batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool = False) -> list[list[int]]:
+    """The micro-batches of one epoch as lists of example indices: a pure function of
+    (seed, epoch), so a resumed run sees exactly the batches an uninterrupted run would.
+
+    group_by_length sorts megabatches of 50 micro-batches by length (as HF's sampler) to cut padding.
+    A last incomplete micro-batch is dropped, so every step has the same shape.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if group_by_length:
+        mega = 50 * micro_batch_size
+        order = [i for start in range(0, len(order), mega)
+                 for i in sorted(order[start:start + mega], key=lambda j: -lengths[j])]
+    return [order[start:start + micro_batch_size]
+            for start in range(0, len(order) - micro_batch_size + 1, micro_batch_size)]
+
+
+def split_validation(records: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): `size` records drawn with a fixed seed; size 0 gives no validation."""
+    if size <= 0:
+        return records, []
+    if size >= len(records):
+        raise AdapterkitError(f"--val-set-size {size} leaves no training data ({len(records)} records); "
+                              "lower it or pass --val-set-size 0")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:size])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]

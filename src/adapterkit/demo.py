@@ -1,45 +1,62 @@
-"""`make demo`: fine-tune LoRA on the default model and show a generation before and after."""
+"""`make demo`: on the default model, evaluate the base on a clean math slice, fine-tune LoRA on the
+math training file, evaluate again, and print both accuracies and one generation."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from .errors import AdapterkitError
-from .models import DEFAULT_MODEL, load_model
-from .recipes import TrainSettings, generate, load_for_inference, train
+from .evaluation import contamination, format_table, run_eval
+from .models import DEFAULT_MODEL
+from .recipes import generate, load_for_inference
+from .storage import write_files
+from .train import TrainSettings, train
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "llm-adapters"
+TRAIN_FILE = DATA / "ft-training_set" / "math_data.json"
+SLICE_TASKS = ("AddSub", "MultiArith", "SingleEq", "gsm8k")
 
 
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
+def clean_math_slice(size: int) -> list[dict]:
+    """`size` math test items whose question is not in the training file (most are), taken in turn
+    from AddSub, MultiArith, SingleEq and gsm8k so the slice mixes easy and hard problems."""
+    train_records = json.loads(TRAIN_FILE.read_text())
+    pools = []
+    for task in SLICE_TASKS:
+        records = json.loads((DATA / "dataset" / task / "test.json").read_text())
+        dirty = contamination(records, train_records)
+        pools.append([{**r, "source": task} for i, r in enumerate(records) if i not in dirty])
+    chosen: list[dict] = []
+    while len(chosen) < size and any(pools):
+        for pool in pools:
+            if pool and len(chosen) < size:
+                chosen.append(pool.pop(0))
+    return chosen
 
 
-def held_out_questions(count: int) -> list[str]:
-    """gsm8k test questions that do not occur in the training file (most of them do)."""
-    train_questions = {_normalise(r["instruction"]) for r in json.loads((DATA / "ft-training_set" /
-                                                                         "math_data.json").read_text())}
-    test = json.loads((DATA / "dataset" / "gsm8k" / "test.json").read_text())
-    return [r["instruction"] for r in test if _normalise(r["instruction"]) not in train_questions][:count]
-
-
-def run_demo(steps: int, output: str) -> None:
-    if not DATA.is_dir():
-        raise AdapterkitError(f"demo data not found at {DATA}; run the demo from a clone of the repository")
-    questions = held_out_questions(2)
-    model, tokenizer = load_model(DEFAULT_MODEL)
-    before = generate(model, tokenizer, questions, max_new_tokens=96)
-    del model
-    print(f"\nTraining LoRA on {DATA / 'ft-training_set/math_data.json'} for {steps} steps (bf16 autocast)")
+def run_demo(steps: int, output: str, items: int = 100) -> None:
+    if not TRAIN_FILE.is_file():
+        raise AdapterkitError(f"demo data not found under {DATA}; run the demo from a clone of the repository")
+    out = Path(output)
+    items_file = out / "clean_math_slice.json"
+    write_files(out, {items_file.name: json.dumps(clean_math_slice(items), indent=1)}, {})
+    common = dict(data=str(items_file), task_type="math", train_data=str(TRAIN_FILE), batch_size=16,
+                  max_new_tokens=160, dtype="bf16")
+    print(f"1/3 evaluating the base model on {items} math problems that are not in the training data")
+    before = run_eval(DEFAULT_MODEL, None, output=str(out / "eval-base"), **common)
+    print(f"2/3 training LoRA for {steps} steps on {TRAIN_FILE.name} (bf16 autocast, fp32 adapter)")
+    adapter = out / "lora"
     train(TrainSettings(
-        data=str(DATA / "ft-training_set" / "math_data.json"), output=output, method="lora",
-        batch_size=8, micro_batch_size=4, max_steps=steps, learning_rate=1e-3, warmup_steps=5,
-        precision="bf16", overwrite=True,  # the demo's own folder, rewritten on every run
-        method_options={"r": 8, "alpha": 16, "target_modules": "all-linear"}))
-    adapted, tokenizer = load_for_inference(DEFAULT_MODEL, output)
-    after = generate(adapted, tokenizer, questions, max_new_tokens=96)
-    for question, old, new in zip(questions, before, after, strict=True):
-        print(f"\n=== question (held out from training)\n{question}")
-        print(f"--- base model\n{old}\n--- with the LoRA adapter ({output})\n{new}")
+        data=str(TRAIN_FILE), output=str(adapter), method="lora", batch_size=8, micro_batch_size=4,
+        max_steps=steps, learning_rate=1e-3, warmup_steps=5, val_set_size=0, precision="bf16",
+        save_steps=steps, overwrite=True,  # the demo's own folder, rewritten on every run
+        method_options={"r": 16, "alpha": 32, "target_modules": "all-linear"}))
+    print("3/3 evaluating the fine-tuned model on the same problems")
+    after = run_eval(DEFAULT_MODEL, str(adapter), output=str(out / "eval-lora"), **common)
+    before["task"], after["task"] = "base model", "with LoRA"
+    print("\n" + format_table([before, after]))
+    model, tokenizer = load_for_inference(DEFAULT_MODEL, str(adapter))
+    question = json.loads(items_file.read_text())[0]["instruction"]
+    print(f"\nquestion: {question}\nanswer with LoRA: {generate(model, tokenizer, [question], max_new_tokens=160)[0]}")
+    print(f"\nadapter: {adapter}; evaluations: {out / 'eval-base'}, {out / 'eval-lora'}; loss curve: {adapter / 'loss.png'}")

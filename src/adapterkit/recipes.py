@@ -1,144 +1,27 @@
-"""Whole jobs built from the parts: train, generate, merge, info. The CLI only parses and prints."""
+"""Whole jobs built from the parts: generate and merge (train.py holds the training recipe)."""
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
-import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from . import __version__
-from .config import get_method
-from .core import AdaptedModel, adapt
-from .data import Template, collate, encode, read_records
+from .core import AdaptedModel
+from .data import Template, collate
 from .errors import AdapterkitError
-from .models import DEFAULT_MODEL, load_model
-from .storage import load_adapter, write_files
-from .training import train_steps
+from .models import load_model
+from .storage import load_adapter
 
 
-@dataclass
-class TrainSettings:
-    """Settings of `adapterkit train`; names follow LLM-Adapters' finetune.py."""
-
-    data: str
-    output: str
-    method: str = "lora"
-    model: str = DEFAULT_MODEL
-    batch_size: int = 16
-    micro_batch_size: int = 4
-    num_epochs: int = 1
-    max_steps: int | None = None
-    learning_rate: float = 3e-4
-    warmup_steps: int = 0
-    cutoff_len: int = 256
-    train_on_inputs: bool = False
-    template: str = "alpaca"
-    limit: int | None = None
-    seed: int = 42
-    precision: str = "fp32"
-    overwrite: bool = False
-    method_options: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.micro_batch_size <= 0 or self.batch_size <= 0:
-            raise AdapterkitError("batch sizes must be positive")
-        if self.batch_size % self.micro_batch_size:
-            raise AdapterkitError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
-                                  f"{self.micro_batch_size}; make it one (e.g. {self.micro_batch_size * 4})")
-        if self.precision not in ("fp32", "bf16"):
-            raise AdapterkitError(f"--precision must be fp32 or bf16, got {self.precision!r}")
-        Template(self.template)
-
-
-def check_output(path: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output folder unless asked; checked before any work, nothing created yet."""
+def check_output(path: Path, overwrite: bool, resuming: bool = False) -> None:
+    """Refuse a non-empty output folder unless asked (or resuming into it); nothing is created here."""
     if path.exists() and not path.is_dir():
         raise AdapterkitError(f"output {path} exists and is not a folder; choose another --output")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise AdapterkitError(f"output folder {path} is not empty; choose another --output or pass --overwrite")
-
-
-def clear_output(path: Path) -> None:
-    """Empty the output folder (when overwriting), only once there is something new to write."""
-    if path.is_dir():
-        shutil.rmtree(path)
-
-
-def method_config(method: str, options: dict):
-    spec = get_method(method)
-    known = {o.name: o for o in spec.config_class.options()}
-    unknown = [k for k in options if k not in known]
-    if unknown:
-        raise AdapterkitError(f"{known_flag(unknown[0])} is not an option of {method}; "
-                              f"see `adapterkit methods` for its options")
-    return spec.config_class(**options)
-
-
-def known_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_length(adapted, cutoff: int, virtual: int) -> None:
-    """Learned absolute positions bound the length: say so before training, not at the first long batch."""
-    limit = adapted.layout.shape.max_positions
-    if limit is not None and cutoff + virtual > limit:
-        extra = f" + {virtual} virtual tokens" if virtual else ""
-        raise AdapterkitError(f"--cutoff-len {cutoff}{extra} exceeds the model's {limit} positions; "
-                              f"use --cutoff-len {limit - virtual} or less")
-
-
-def micro_batches(examples: list[dict], size: int, pad_id: int, seed: int) -> Iterator[dict]:
-    """Endless shuffled micro-batches, reshuffled each epoch from a fixed seed."""
-    rng = random.Random(seed)
-    order = list(range(len(examples)))
-    while True:
-        rng.shuffle(order)
-        for start in range(0, len(order) - size + 1, size):
-            yield collate([examples[i] for i in order[start:start + size]], pad_id)
-
-
-def train(settings: TrainSettings) -> dict:
-    """Fine-tune one adapter and save it with its metrics; returns a summary."""
-    settings.validate()
-    config = method_config(settings.method, settings.method_options)
-    output = Path(settings.output)
-    check_output(output, settings.overwrite)
-    records = read_records(settings.data)[: settings.limit]
-    torch.manual_seed(settings.seed)
-    model, tokenizer = load_model(settings.model, "bf16" if settings.precision == "bf16" else "fp32")
-    template = Template(settings.template)
-    examples = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in records]
-    adapted = adapt(model, config, tokenizer=tokenizer)
-    check_length(adapted, settings.cutoff_len, getattr(config, "num_virtual_tokens", 0))
-    accumulation = settings.batch_size // settings.micro_batch_size
-    steps = settings.max_steps or max(1, settings.num_epochs * len(examples) // settings.batch_size)
-    print(f"{settings.method}: {adapted.report()}; {len(examples)} examples, {steps} steps", flush=True)
-    bar = tqdm(total=steps, desc="train", unit="step")
-    metrics = []
-
-    def log(step: int, loss: float) -> None:
-        metrics.append({"step": step + 1, "loss": loss, "time": time.time()})
-        bar.set_postfix(loss=f"{loss:.4f}")
-        bar.update(1)
-
-    batches = micro_batches(examples, settings.micro_batch_size, tokenizer.pad_token_id, settings.seed)
-    losses = train_steps(adapted, batches, steps, settings.learning_rate, settings.warmup_steps, accumulation,
-                         autocast=torch.bfloat16 if settings.precision == "bf16" else None, on_step=log)
-    bar.close()
-    clear_output(output)
-    adapted.save(output)
-    run = {"settings": asdict(settings), "adapter_config": config.to_dict(), "adapterkit_version": __version__,
-           "final_loss": losses[-1], "first_loss": losses[0]}
-    write_files(output, {"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics),
-                         "run.json": json.dumps(run, indent=2) + "\n"}, {})
-    return run
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
+        raise AdapterkitError(f"output folder {path} is not empty; choose another --output, pass --overwrite"
+                              + (", or --resume auto to continue its run" if not resuming else ""))
 
 
 def load_for_inference(model_name: str, adapter: str | None, dtype: str = "fp32", force: bool = False):

@@ -1,6 +1,7 @@
-"""The training loop: AdamW, warmup + linear decay, gradient accumulation and clipping.
+"""The training loop: AdamW, warmup + linear decay, gradient accumulation, clipping, NaN guard.
 
-Kept to one screen; the `train` recipe (recipes.py) adds data, checkpoints and logging around it.
+`fit` is the loop of the `train` recipe (train.py adds data, checkpoints and logging around it);
+`train_steps` is the same loop for a plain iterator of batches, for tests and notebooks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from .distributed import World, sum_across, sum_gradients
 from .errors import AdapterkitError
 
 
@@ -28,40 +30,65 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def train_steps(model: nn.Module, batches: Iterator[list[dict]], steps: int, lr: float = 3e-4,
-                warmup: int = 0, accumulation: int = 1, max_grad_norm: float = 1.0,
-                autocast: torch.dtype | None = None,
-                on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Run `steps` optimizer steps; each takes `accumulation` micro-batches. Returns the losses.
-
-    `autocast` (e.g. torch.bfloat16) wraps each forward only: autocast caches its casts of the
-    weights until its block ends, so a block around the optimizer step would keep using stale
-    low-precision copies of the adapter and the adapter would stop changing the model.
-    """
+def make_optimizer(model: nn.Module, lr: float, warmup: int, total: int):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AdapterkitError("no trainable parameters: was the adapter loaded with trainable=False?")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, steps))
+    return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total))
+
+
+def micro_step(model: nn.Module, batch: dict, scale: float, autocast: torch.dtype | None) -> tuple[float, int]:
+    """Forward and backward of one micro-batch; returns (its mean loss, its labelled tokens).
+
+    `autocast` wraps the forward only: autocast caches its casts of the weights until its block
+    ends, so a block around the optimizer step would keep stale copies of the adapter weights.
+    """
+    with torch.autocast(batch["input_ids"].device.type, dtype=autocast or torch.bfloat16,
+                        enabled=autocast is not None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = causal_lm_loss(logits, batch["labels"])
+    (loss * scale).backward()
+    return loss.item(), int((batch["labels"][:, 1:] != -100).sum())
+
+
+def fit(model: nn.Module, micro_batches: Callable[[int], list[dict]], start: int, total: int, optimizer,
+        scheduler, params: list, world: World, accumulation: int, max_grad_norm: float = 1.0,
+        autocast: torch.dtype | None = None, after_step: Callable[[int, float, int], None] | None = None) -> None:
+    """Optimizer steps start..total-1; `micro_batches(step)` gives this process's share of a step."""
     model.train()
-    losses = []
-    for step in range(steps):
-        total = 0.0
-        for _ in range(accumulation):
-            batch = next(batches)
-            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = causal_lm_loss(logits, batch["labels"]) / accumulation
-            loss.backward()
-            total += loss.item()
-        if not math.isfinite(total):
-            raise AdapterkitError(f"loss became {total} at step {step + 1}; lower the learning rate")
+    for step in range(start, total):
+        losses = torch.zeros(2, dtype=torch.float64)  # sum of micro-batch losses, labelled tokens
+        for batch in micro_batches(step):
+            loss, tokens = micro_step(model, batch, 1.0 / accumulation, autocast)
+            losses += torch.tensor([loss, tokens], dtype=torch.float64)
+        sum_gradients(params, world)
+        loss_sum, tokens = sum_across(losses, world).tolist()
+        loss = loss_sum / accumulation
+        if not math.isfinite(loss):
+            raise AdapterkitError(f"loss became {loss} at step {step + 1}: stopped before it reached the "
+                                  "weights; lower --learning-rate or check the data")
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(total)
-        if on_step:
-            on_step(step, total)
+        if after_step:
+            after_step(step + 1, loss, int(tokens))
     model.eval()
+
+
+def train_steps(model: nn.Module, batches: Iterator[dict], steps: int, lr: float = 3e-4, warmup: int = 0,
+                accumulation: int = 1, max_grad_norm: float = 1.0, autocast: torch.dtype | None = None,
+                on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """`steps` optimizer steps over an iterator of batches, one process. Returns the losses."""
+    params, optimizer, scheduler = make_optimizer(model, lr, warmup, steps)
+    losses: list[float] = []
+
+    def record(step: int, loss: float, tokens: int) -> None:
+        losses.append(loss)
+        if on_step:
+            on_step(step - 1, loss)
+
+    fit(model, lambda step: [next(batches) for _ in range(accumulation)], 0, steps, optimizer, scheduler, params,
+        World(), accumulation, max_grad_norm, autocast, record)
     return losses

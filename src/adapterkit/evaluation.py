@@ -1,0 +1,372 @@
+"""Evaluation on LLM-Adapters' task files: batched greedy generation, answer extraction, accuracy,
+and train/test contamination.
+
+Answer extraction follows LLM-Adapters' evaluate scripts where they are right (math: a number
+within 0.001 of the gold; commonsense: the first label of the task's pattern) and departs where they
+are wrong: for option letters LLM-Adapters takes the first capital A-E anywhere, so "As a result,
+the answer is (C)" scores as "A". Here an explicit "answer is X" / "(X)" / "X)" wins, then the last
+standalone option letter; a letter inside a word is never taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Template, collate, read_records
+from .errors import AdapterkitError
+from .models import DEFAULT_MODEL
+
+BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data" / "llm-adapters"
+TASK_TYPES = ("math", "choice", "boolean")
+LETTERS = ("A", "B", "C", "D", "E")
+MATH_TOLERANCE = 1e-3  # LLM-Adapters: |pred - gold| < 0.001
+
+
+def _numbered(word: str, count: int) -> tuple[str, ...]:
+    return tuple(f"{word}{i}" for i in range(1, count + 1))
+
+
+@dataclass(frozen=True)
+class Task:
+    type: str
+    labels: tuple[str, ...] | None = None
+
+
+_MATH, _ANSWERS = Task("math"), Task("choice", _numbered("answer", 5))
+TASKS: dict[str, Task] = {
+    "gsm8k": _MATH, "AddSub": _MATH, "MultiArith": _MATH, "SingleEq": _MATH, "SVAMP": _MATH, "mawps": _MATH,
+    "AQuA": Task("choice", LETTERS), "mathqa": Task("choice", LETTERS),
+    "boolq": Task("boolean", ("true", "false")),
+    "piqa": Task("choice", _numbered("solution", 2)),
+    "social_i_qa": _ANSWERS, "ARC-Easy": _ANSWERS, "ARC-Challenge": _ANSWERS, "openbookqa": _ANSWERS,
+    "hellaswag": Task("choice", _numbered("ending", 4)),
+    "winogrande": Task("choice", _numbered("option", 2)),
+}
+_LABEL_FAMILIES = {"answer": 5, "solution": 2, "ending": 4, "option": 2}
+
+
+def get_task(name: str) -> tuple[str, Task]:
+    """(canonical name, task); names match case-insensitively ("aqua" is AQuA)."""
+    for known, task in TASKS.items():
+        if known.lower() == name.lower():
+            return known, task
+    raise AdapterkitError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
+                          f"(any file in their JSON format works with --data FILE --task-type math|choice|boolean)")
+
+
+# ---------------------------------------------------------------- answer extraction
+
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+(?:\.\d+)?)?")
+_ANSWER_IS = re.compile(r"(?i:answer)(?:\s+is|\s*[:=])")
+_SENTENCE_END = re.compile(r"\.(?!\d)|\n")
+
+
+def parse_number(text: str) -> float | None:
+    """The number a model means: the last one in the sentence after the last "answer is", else the
+    last one in the text. Thousands commas, "$", signs, decimals and plain fractions (3/4) are read."""
+    text = _THOUSANDS.sub("", text)
+    found = list(_ANSWER_IS.finditer(text))
+    if found:
+        tail = text[found[-1].end():].lstrip(" :=$\t")
+        end = _SENTENCE_END.search(tail)
+        numbers = _NUMBER.findall(tail[: end.start()] if end else tail)
+        if numbers:
+            return _to_float(numbers[-1])
+    numbers = _NUMBER.findall(text)
+    return _to_float(numbers[-1]) if numbers else None
+
+
+def _to_float(token: str) -> float | None:
+    top, _, bottom = token.partition("/")
+    try:
+        value = float(top) / float(bottom) if bottom else float(top)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _format_number(value: float) -> str:
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def extract_letter(text: str, letters: tuple[str, ...] = LETTERS) -> str | None:
+    """An option letter: "answer is X" / "answer: (x)" first, then the last "(X)" or "X)", then the
+    last standalone capital option letter (not a sentence-initial article "A man ...")."""
+    upper = "".join(letters)
+    both = upper + upper.lower()
+    explicit = re.compile(rf"(?i:answer)(?:\s+(?i:choice|option))?(?:\s+(?i:is))?\s*[:=]?\s*(?:(?i:option)\s+)?"
+                          rf"(?:\(([{both}])\)|([{upper}])(?![\w']))")
+    found = explicit.findall(text)
+    if found:
+        return "".join(found[-1]).upper()
+    bracketed = re.findall(rf"\(([{both}])\)|(?<![\w(])([{upper}])\)", text)
+    if bracketed:
+        return "".join(bracketed[-1]).upper()
+    standalone = [m for m in re.finditer(rf"(?<![\w'])([{upper}])(?![\w'])", text)
+                  if not (m.group(1) == "A" and _is_article(text, m))]
+    return standalone[-1].group(1) if standalone else None
+
+
+def _is_article(text: str, match: re.Match) -> bool:
+    before, after = text[: match.start()].rstrip(), text[match.end():]
+    return (not before or before[-1] in ".!?:\n") and re.match(r"\s+[a-z]", after) is not None
+
+
+def extract_label(text: str, labels: tuple[str, ...]) -> str | None:
+    """The first of the labels (answer1, solution2, true, ...) found as a whole word, any case."""
+    pattern = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
+    match = re.search(rf"(?<![A-Za-z0-9])({pattern})(?![A-Za-z0-9])", text, re.IGNORECASE)
+    return match.group(1).lower() if match else None
+
+
+def extract_answer(text: str, task_type: str, labels: tuple[str, ...] | None = None) -> str | None:
+    """The parsed answer of a generation as a string (math: a number like "576" or "-3.5"), or None."""
+    _check_type(task_type)
+    if task_type == "math":
+        value = parse_number(text)
+        return None if value is None else _format_number(value)
+    if task_type == "boolean":
+        return extract_label(text, labels or ("true", "false"))
+    labels = labels or LETTERS
+    if all(len(label) == 1 and label.isupper() for label in labels):
+        return extract_letter(text, labels)
+    return extract_label(text, labels)
+
+
+def is_correct(pred: str | None, gold, task_type: str) -> bool:
+    """Math: within 0.001 of the gold number; choice and boolean: the same label, any case."""
+    _check_type(task_type)
+    if pred is None:
+        return False
+    if task_type == "math":
+        a, b = _to_float(str(pred)), _to_float(_THOUSANDS.sub("", str(gold)).strip())
+        return a is not None and b is not None and abs(a - b) < MATH_TOLERANCE
+    return str(pred).strip().lower() == str(gold).strip().lower()
+
+
+def _check_type(task_type: str) -> None:
+    if task_type not in TASK_TYPES:
+        raise AdapterkitError(f"unknown task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
+
+
+# ---------------------------------------------------------------- contamination
+
+def normalise_question(text: str) -> str:
+    """Lowercase, whitespace collapsed, punctuation stripped at both ends."""
+    return re.sub(r"\s+", " ", text.lower()).strip().strip(".,;:!?'\"()[] ").strip()
+
+
+def question_of(record: dict) -> str:
+    extra = record.get("input") or ""
+    return f"{record.get('instruction', '')}\n{extra}" if extra else record.get("instruction", "")
+
+
+def contamination(records: list[dict], train_records: list[dict]) -> set[int]:
+    """Indices of the records whose normalised question also occurs in the training records."""
+    seen = {normalise_question(question_of(r)) for r in train_records}
+    return {i for i, r in enumerate(records) if normalise_question(question_of(r)) in seen}
+
+
+# ---------------------------------------------------------------- tasks and records
+
+def resolve_task(task: str | None = None, data: str | Path | None = None, data_dir: str | Path | None = None,
+                 task_type: str | None = None) -> tuple[str, Path, Task | None, str]:
+    """(name, test file, known task or None, task type) from the --task/--data/--data-dir/--task-type flags."""
+    if task_type is not None:
+        _check_type(task_type)
+    if data is not None:
+        if task_type is None and not task:
+            raise AdapterkitError("--data FILE needs --task-type math|choice|boolean (or a known --task name)")
+        known = get_task(task) if task and (task_type is None or task.lower() in map(str.lower, TASKS)) else None
+        name, spec = known if known else (task or Path(data).stem, None)
+        return name, Path(data), spec, task_type or spec.type
+    if not task:
+        raise AdapterkitError("no task: pass --task NAME (e.g. gsm8k) or --data FILE --task-type math|choice|boolean")
+    name, spec = get_task(task)
+    if task_type is not None and task_type != spec.type:
+        raise AdapterkitError(f"task {name} is of type {spec.type}, not {task_type}; drop --task-type")
+    root = Path(data_dir) if data_dir is not None else BUNDLED_DATA
+    path = root / "dataset" / name / "test.json"
+    if not path.is_file():
+        raise AdapterkitError(f"no test file for task {name} at {path}; pass --data-dir DIR (LLM-Adapters' layout: "
+                              f"DIR/dataset/{name}/test.json) or --data FILE")
+    return name, path, spec, spec.type
+
+
+def load_task_records(path: str | Path, task_type: str, limit: int | None = None) -> list[dict]:
+    """The records of a task file, each with a gold `answer` (math: a number)."""
+    records = read_records(path)[:limit]
+    for number, record in enumerate(records, 1):
+        gold = record.get("answer")
+        if gold is None or isinstance(gold, (dict, list)) or not str(gold).strip():
+            raise AdapterkitError(f"{path}: record {number} has no 'answer' (the gold answer); "
+                                  "LLM-Adapters' test.json files have one per record")
+        if task_type == "math" and _to_float(_THOUSANDS.sub("", str(gold)).strip()) is None:
+            raise AdapterkitError(f"{path}: record {number} has answer {gold!r}, not a number; "
+                                  "use --task-type choice or boolean for labelled answers")
+    return records
+
+
+def infer_labels(golds: list[str], task_type: str) -> tuple[str, ...] | None:
+    """The label set of a task file not in TASKS, guessed from its gold answers."""
+    if task_type == "math":
+        return None
+    if task_type == "boolean":
+        return ("true", "false")
+    golds = [str(g).strip() for g in golds]
+    if all(g in LETTERS for g in golds):
+        return LETTERS
+    parts = [re.fullmatch(r"([a-z]+)(\d)", g.lower()) for g in golds]
+    if all(parts) and len({p.group(1) for p in parts}) == 1:
+        word = parts[0].group(1)
+        return _numbered(word, max(_LABEL_FAMILIES.get(word, 0), *(int(p.group(2)) for p in parts)))
+    return tuple(sorted({g.lower() for g in golds}))
+
+
+# ---------------------------------------------------------------- generation
+
+@torch.no_grad()
+def evaluate(model, tokenizer, records: list[dict], task_type: str, template: str = "alpaca",
+             batch_size: int = 16, max_new_tokens: int = 256, num_beams: int = 1,
+             labels: tuple[str, ...] | None = None, progress: bool = True) -> tuple[list[dict], dict]:
+    """Generate an answer for every record (greedy, or beam search with num_beams > 1) and score it.
+
+    Batches are left-padded with an attention mask (generate derives position ids from it), built
+    from prompts sorted by length; predictions come back in the records' order.
+    Returns (predictions, summary): summary has n, correct, accuracy, ended_fraction, unparsed.
+    """
+    _check_type(task_type)
+    _check_counts(batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    form = Template(template)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id
+    encoded = [tokenizer(form.prompt({"instruction": r.get("instruction", ""), "input": r.get("input") or ""},
+                                     tokenizer), add_special_tokens=template != "chat")["input_ids"]
+               for r in records]
+    order = sorted(range(len(records)), key=lambda i: (-len(encoded[i]), i))  # longest first: OOM shows early
+    device = next(model.parameters()).device
+    predictions: list[dict | None] = [None] * len(records)
+    bar = tqdm(total=len(records), desc="eval", unit="item", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([{"input_ids": encoded[i]} for i in chunk], pad_id, side="left")
+        out = model.generate(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                             pad_token_id=pad_id, eos_token_id=eos_id)
+        new = out[:, batch["input_ids"].shape[1]:].tolist()
+        for tokens, index in zip(new, chunk, strict=True):
+            ended = eos_id is not None and eos_id in tokens
+            kept = tokens[: tokens.index(eos_id) + 1] if ended else tokens
+            text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+            record = records[index]
+            pred = extract_answer(text, task_type, labels)
+            gold = str(record.get("answer", "")).strip()
+            predictions[index] = {"index": index, "input": question_of(record), "output": text,
+                                  "prediction": pred, "gold": gold, "correct": is_correct(pred, gold, task_type),
+                                  "ended": ended, "new_tokens": len(kept)}
+        bar.update(len(chunk))
+    bar.close()
+    return predictions, summarise(predictions)
+
+
+def _check_counts(**counts: int | None) -> None:
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise AdapterkitError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def summarise(predictions: list[dict]) -> dict:
+    n = len(predictions)
+    correct = sum(p["correct"] for p in predictions)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else None,
+            "ended_fraction": sum(p["ended"] for p in predictions) / n if n else None,
+            "unparsed": sum(p["prediction"] is None for p in predictions)}
+
+
+# ---------------------------------------------------------------- the whole job
+
+def training_file(adapter: str | Path | None, train_data: str | Path | None) -> tuple[Path | None, str | None]:
+    """(training file, warning): --train-data, else the `data` setting in the adapter's run.json."""
+    if train_data is not None:
+        return Path(train_data), None
+    run = Path(adapter) / "run.json" if adapter else None
+    if run is None or not run.is_file():
+        return None, None
+    try:
+        named = json.loads(run.read_text()).get("settings", {}).get("data")
+    except (json.JSONDecodeError, AttributeError):
+        return None, f"{run} is not readable JSON; contamination not checked (pass --train-data FILE)"
+    if not named:
+        return None, None
+    for candidate in (Path(named), Path(adapter) / named):
+        if candidate.is_file():
+            return candidate, None
+    return None, f"training file {named} (from {run}) not found; contamination not checked (pass --train-data FILE)"
+
+
+def run_eval(model_name: str = DEFAULT_MODEL, adapter: str | None = None, task: str | None = None,
+             data: str | None = None, data_dir: str | None = None, task_type: str | None = None,
+             train_data: str | None = None, output: str | None = None, limit: int | None = None,
+             batch_size: int = 16, max_new_tokens: int = 256, num_beams: int = 1, template: str = "alpaca",
+             dtype: str = "fp32", force: bool = False, progress: bool = True) -> dict:
+    """Evaluate a model (with an adapter) on a task; writes results.json and predictions.jsonl into
+    `output` (default runs/eval/[ADAPTER-]TASK) and returns the results."""
+    from . import __version__
+    from .recipes import load_for_inference
+    from .storage import write_files
+
+    _check_counts(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    Template(template)  # bad settings fail before the model loads
+    name, path, spec, kind = resolve_task(task, data, data_dir, task_type)
+    records = load_task_records(path, kind, limit)
+    labels = spec.labels if spec and spec.type == kind else infer_labels([r["answer"] for r in records], kind)
+    train_path, warning = training_file(adapter, train_data)
+    dirty = contamination(records, read_records(train_path)) if train_path else None
+    model, tokenizer = load_for_inference(model_name, adapter, dtype=dtype, force=force)
+    predictions, summary = evaluate(model, tokenizer, records, kind, template, batch_size, max_new_tokens,
+                                    num_beams, labels, progress)
+    clean = {"contaminated": None, "clean_n": None, "clean_correct": None, "clean_accuracy": None}
+    if dirty is not None:
+        for p in predictions:
+            p["contaminated"] = p["index"] in dirty
+        kept = summarise([p for p in predictions if not p["contaminated"]])
+        clean = {"contaminated": len(dirty), "clean_n": kept["n"], "clean_correct": kept["correct"],
+                 "clean_accuracy": kept["accuracy"]}
+    results = {"task": name, "task_type": kind, **summary, **clean, "warnings": [warning] if warning else [],
+               "settings": {"model": model_name, "adapter": adapter, "data": str(path), "labels": list(labels) if labels else None,
+                            "train_data": str(train_path) if train_path else None, "limit": limit,
+                            "template": template, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                            "num_beams": num_beams, "dtype": dtype, "adapterkit_version": __version__}}
+    folder = Path(output) if output else Path("runs") / "eval" / (f"{Path(adapter).name}-{name}" if adapter else name)
+    write_files(folder, {"predictions.jsonl": "".join(json.dumps(p) + "\n" for p in predictions),
+                         "results.json": json.dumps(results, indent=2) + "\n"}, {})
+    results["output"] = str(folder)
+    return results
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def format_table(results: dict | list[dict]) -> str:
+    """The printed summary: one row per result, then any warnings."""
+    rows = results if isinstance(results, list) else [results]
+    head = ("task", "type", "n", "accuracy", "ended", "contaminated", "clean n", "clean accuracy")
+    body = [(r["task"], r["task_type"], str(r["n"]), _percent(r["accuracy"]), _percent(r["ended_fraction"]),
+             "-" if r.get("contaminated") is None else str(r["contaminated"]),
+             "-" if r.get("clean_n") is None else str(r["clean_n"]), _percent(r.get("clean_accuracy")))
+            for r in rows]
+    widths = [max(len(line[c]) for line in (head, *body)) for c in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+             for line in (head, *body)]
+    lines += [f"warning: {w}" for r in rows for w in r.get("warnings", [])]
+    return "\n".join(lines)

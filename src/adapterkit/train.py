@@ -1,0 +1,301 @@
+"""`adapterkit train`: data, model, adapter, the loop, validation, checkpoints, logs and plots.
+
+Settings mirror LLM-Adapters' finetune.py (global batch 128, micro batch 4, 3 epochs, lr 3e-4,
+cutoff 256, 2000 validation records, warmup 100) so its recipes carry over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from .config import get_method
+from .core import adapt
+from .data import Template, collate, encode, epoch_batches, read_records, split_validation
+from .distributed import World, finish, init_world, sum_across
+from .errors import AdapterkitError
+from .models import DEFAULT_MODEL, load_model
+from .recipes import check_output
+from .storage import write_files
+from .training import causal_lm_loss, fit, make_optimizer
+
+
+@dataclass
+class TrainSettings:
+    """Settings of `adapterkit train` (flag --batch-size is field batch_size, and so on)."""
+
+    data: str
+    output: str
+    method: str = "lora"
+    model: str = DEFAULT_MODEL
+    batch_size: int = 128
+    micro_batch_size: int = 4
+    num_epochs: int = 3
+    max_steps: int | None = None
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    cutoff_len: int = 256
+    val_set_size: int = 2000
+    train_on_inputs: bool = False
+    group_by_length: bool = False
+    eval_steps: int = 200
+    save_steps: int = 200
+    save_total_limit: int = 3
+    template: str = "alpaca"
+    limit: int | None = None
+    seed: int = 42
+    precision: str = "fp32"
+    resume: str | None = None
+    overwrite: bool = False
+    method_options: dict = field(default_factory=dict)
+
+    def validate(self, world: World) -> None:
+        if self.micro_batch_size <= 0 or self.batch_size <= 0:
+            raise AdapterkitError("--batch-size and --micro-batch-size must be positive")
+        if self.batch_size % (self.micro_batch_size * world.size):
+            raise AdapterkitError(
+                f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size {self.micro_batch_size}"
+                + (f" x {world.size} processes" if world.size > 1 else "")
+                + f"; use a multiple of {self.micro_batch_size * world.size}")
+        if self.precision not in ("fp32", "bf16"):
+            raise AdapterkitError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        for name in ("eval_steps", "save_steps", "cutoff_len", "num_epochs"):
+            if getattr(self, name) <= 0:
+                raise AdapterkitError(f"--{name.replace('_', '-')} must be positive")
+        Template(self.template)
+
+
+def method_config(method: str, options: dict):
+    spec = get_method(method)
+    known = {o.name for o in spec.config_class.options()}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise AdapterkitError(f"{unknown[0]} is not an option of {method}; see `adapterkit methods`")
+    return spec.config_class(**options)
+
+
+def check_length(adapted, cutoff: int, virtual: int) -> None:
+    """Learned absolute positions bound the length: say so before training, not at the first long batch."""
+    limit = adapted.layout.shape.max_positions
+    if limit is not None and cutoff + virtual > limit:
+        extra = f" + {virtual} virtual tokens" if virtual else ""
+        raise AdapterkitError(f"--cutoff-len {cutoff}{extra} exceeds the model's {limit} positions; "
+                              f"use --cutoff-len {limit - virtual} or less")
+
+
+def resume_dir(settings: TrainSettings, output: Path) -> Path | None:
+    if not settings.resume:
+        return None
+    if settings.resume == "auto":
+        found = checkpoint_dirs(output)
+        return found[-1] if found else None  # nothing saved yet: start from the beginning
+    path = Path(settings.resume)
+    if not path.is_dir():
+        raise AdapterkitError(f"--resume {path}: no such checkpoint folder (or use --resume auto)")
+    return path
+
+
+def train(settings: TrainSettings) -> dict:
+    """Fine-tune one adapter; returns the run summary also written to run.json."""
+    world = init_world()
+    try:
+        return _train(settings, world)
+    finally:
+        finish(world)
+
+
+def _train(settings: TrainSettings, world: World) -> dict:
+    settings.validate(world)
+    config = method_config(settings.method, settings.method_options)
+    output = Path(settings.output)
+    check_output(output, settings.overwrite, bool(settings.resume))
+    resume_from = resume_dir(settings, output)
+    records = read_records(settings.data)[: settings.limit]
+    train_records, val_records = split_validation(records, settings.val_set_size, settings.seed)
+    torch.manual_seed(settings.seed)
+    model, tokenizer = load_model(settings.model, "bf16" if settings.precision == "bf16" else "fp32")
+    model.to(world.device)
+    template = Template(settings.template)
+    encoded = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in train_records]
+    val_encoded = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in val_records]
+    adapted = adapt(model, config, tokenizer=tokenizer)
+    check_length(adapted, settings.cutoff_len, getattr(config, "num_virtual_tokens", 0))
+
+    micro, per_step = settings.micro_batch_size, settings.batch_size // settings.micro_batch_size
+    per_epoch = len(encoded) // micro
+    if per_epoch < per_step:
+        raise AdapterkitError(f"{len(encoded)} training records make fewer micro-batches ({per_epoch}) than one "
+                              f"step needs ({per_step}); lower --batch-size or add data")
+    total = settings.max_steps or max(1, settings.num_epochs * per_epoch // per_step)
+    lengths = [len(e["input_ids"]) for e in encoded]
+    epochs: dict[int, list[list[int]]] = {}
+
+    def my_micro_batches(step: int) -> list[dict]:
+        """This process's micro-batches of a global step: a pure function of (seed, step)."""
+        batches = []
+        for index in range(step * per_step + world.rank, (step + 1) * per_step, world.size):
+            epoch, position = divmod(index, per_epoch)
+            if epoch not in epochs:
+                epochs.clear()
+                epochs[epoch] = epoch_batches(lengths, micro, settings.seed, epoch, settings.group_by_length)
+            batches.append(_to(collate([encoded[i] for i in epochs[epoch][position]], tokenizer.pad_token_id),
+                               world.device))
+        return batches
+
+    params, optimizer, scheduler = make_optimizer(adapted, settings.learning_rate, settings.warmup_steps, total)
+    autocast = torch.bfloat16 if settings.precision == "bf16" else None
+    metrics: list[dict] = []
+    start, best = 0, {"val_loss": float("inf"), "step": None}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, adapted, optimizer, scheduler)
+        start, best = state["step"], state["position"]["best"]
+        metrics = [json.loads(line) for line in (resume_from / "metrics.jsonl").read_text().splitlines()]
+    elif world.main and settings.overwrite and output.is_dir():
+        shutil.rmtree(output)  # asked for; every check on the input has passed by now
+    if world.main:
+        print(f"{settings.method}: {adapted.report()}; {len(encoded)} train / {len(val_encoded)} validation "
+              f"examples, {total} steps of {settings.batch_size}" + (f" on {world.size} processes" if
+                                                                      world.size > 1 else ""), flush=True)
+        write_files(output, {"config.yaml": effective_yaml(settings, config)}, {})
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not world.main)
+    started = time.time()
+
+    def after_step(step: int, loss: float, tokens: int) -> None:
+        elapsed = time.time() - started
+        metrics.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
+                        "seconds": round(elapsed, 3)})
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed / max(step - start, 1), 1e-9):.0f}")
+        bar.update(1)
+        if val_encoded and (step % settings.eval_steps == 0 or step == total):
+            val_loss = validation_loss(adapted, val_encoded, micro, tokenizer.pad_token_id, world, autocast)
+            metrics.append({"step": step, "val_loss": val_loss})
+            if val_loss < best["val_loss"]:
+                best.update(val_loss=val_loss, step=step)
+                if world.main:
+                    adapted.save(output / "best")
+        if world.main and (step % settings.save_steps == 0 or step == total):
+            path = save_checkpoint(output, step, adapted, optimizer, scheduler, {"best": best},
+                                   settings.save_total_limit)
+            write_files(path, {"metrics.jsonl": _jsonl(metrics)}, {})
+
+    try:
+        fit(adapted, my_micro_batches, start, total, optimizer, scheduler, params, world, per_step,
+            autocast=autocast, after_step=after_step)
+    finally:
+        bar.close()  # before any error line, so that line is the last one printed
+    run = {}
+    if world.main:
+        run = finish_run(settings, config, adapted, output, metrics, best, total, world, len(encoded),
+                         len(val_encoded), time.time() - started)
+    return run
+
+
+@torch.no_grad()
+def validation_loss(adapted, examples, micro: int, pad_id: int, world: World, autocast) -> float:
+    """Token-weighted mean loss over the validation set, shared across processes."""
+    adapted.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for index, start in enumerate(range(0, len(examples), micro)):
+        if index % world.size != world.rank:
+            continue
+        batch = _to(collate(examples[start:start + micro], pad_id), world.device)
+        with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=autocast is not None):
+            logits = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        totals += torch.tensor([causal_lm_loss(logits, batch["labels"]).item() * tokens, tokens],
+                               dtype=torch.float64)
+    adapted.train()
+    loss_sum, tokens = sum_across(totals, world).tolist()
+    return loss_sum / max(tokens, 1)
+
+
+def finish_run(settings, config, adapted, output: Path, metrics, best, total, world, n_train, n_val,
+               seconds) -> dict:
+    """The adapter to use (best by validation loss, else the last), metrics, plot and run.json."""
+    adapted.save(output / "last")
+    chosen = output / ("best" if best["step"] is not None else "last")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(chosen / name, output / f".{name}.tmp")
+        (output / f".{name}.tmp").replace(output / name)
+    train_losses = [m["loss"] for m in metrics if "loss" in m]
+    run = {
+        "settings": asdict(settings), "adapter_config": config.to_dict(), "method": settings.method,
+        "adapter": f"{chosen.name} (step {best['step'] if best['step'] is not None else total})",
+        "best_val_loss": best["val_loss"] if best["step"] is not None else None,
+        "first_loss": train_losses[0] if train_losses else None, "final_loss": train_losses[-1] if train_losses else None,
+        "steps": total, "processes": world.size, "train_examples": n_train, "validation_examples": n_val,
+        "seconds": round(seconds, 1), "seed": settings.seed, "data_sha256": _file_sha(settings.data),
+        "versions": versions(), "git_commit": git_commit(),
+    }
+    write_files(output, {"metrics.jsonl": _jsonl(metrics), "run.json": json.dumps(run, indent=2) + "\n"}, {})
+    plot_losses(metrics, output / "loss.png")
+    return run
+
+
+def plot_losses(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def effective_yaml(settings: TrainSettings, config) -> str:
+    import yaml
+
+    values = {k: v for k, v in asdict(settings).items() if k != "method_options"}
+    values.update({k: v for k, v in config.to_dict().items()})
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"adapterkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def _file_sha(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()} if device.type != "cpu" else batch
