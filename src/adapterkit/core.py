@@ -30,6 +30,7 @@ class AdapterRecord:
     config: AdapterConfig
     parts: dict[str, nn.Module]
     merged: bool = False
+    trained_steps: int = 0  # set by the training recipe; a trained adapter must change the logits
 
 
 class AdaptedModel(nn.Module):
@@ -47,7 +48,9 @@ class AdaptedModel(nn.Module):
         self.records: dict[str, AdapterRecord] = {}
         self.tokenizer = None  # optional, set by adapt(); records its vocabulary with saved adapters
         self.prompts = nn.ModuleDict()  # prompt-family parts, by adapter name: they act on the inputs
+        self.generation_info: dict = {}  # template and end tokens, saved with adapters for eval/generate
         model.requires_grad_(False)
+        self.train(model.training)  # a model loaded for inference stays in eval mode
 
     # ----- building -------------------------------------------------------------------------
     def add_adapter(self, config: AdapterConfig, name: str = "default", trainable: bool = True,

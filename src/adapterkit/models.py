@@ -54,6 +54,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
         raise AdapterkitError(_hub_message(name_or_path, exc)) from exc
     tokenizer = load_tokenizer(folder)
     model.eval()
+    model.adapterkit_source = name_or_path  # recorded in saved adapters, so `verify` can find the base
     return model, tokenizer
 
 

@@ -40,6 +40,7 @@ def base_identity(model, tokenizer=None) -> dict[str, Any]:
         "num_layers": getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None),
         "vocab_size": getattr(config, "vocab_size", None),
         "config_sha256": _sha(json.dumps(stable, sort_keys=True, default=str)),
+        "name_or_path": getattr(model, "adapterkit_source", None) or getattr(config, "_name_or_path", None),
     }
     if tokenizer is not None:
         identity["vocab_sha256"] = _sha(json.dumps(sorted(tokenizer.get_vocab().items())))
@@ -51,19 +52,37 @@ def _sha(text: str) -> str:
 
 
 def save_adapter(adapted, directory: Path, name: str) -> Path:
+    from . import fingerprint
+
     record = adapted.records[name]
+    if record.merged:
+        raise AdapterkitError(f"adapter {name!r} is merged into the base weights: unmerge() it before saving")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapted.adapter_state_dict(name).items()}
     check_tensors(tensors)
+    parameters = sum(t.numel() for t in tensors.values())
     tensors.update(exported_tensors(record))
     meta = config_to_json(record.config)
     meta.update({
         "adapterkit_version": __version__,
         "modules": sorted(record.parts),
-        "parameters": sum(t.numel() for t in tensors.values()),
+        "parameters": parameters,
+        "trained_steps": record.trained_steps,
         "base_model": base_identity(adapted.base_model, adapted.tokenizer),
+        "generation": adapted.generation_info,
+        "fingerprint": fingerprint.compute(adapted, name),
     })
     write_files(directory, {CONFIG_FILE: json.dumps(meta, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
+    check_saved_weights(directory, set(adapted.adapter_state_dict(name)), parameters)
     return directory
+
+
+def check_saved_weights(directory: Path, keys: set[str], parameters: int) -> None:
+    """Read the file back: it must hold exactly the adapter's trainable weights."""
+    on_disk = load_file(str(directory / WEIGHTS_FILE))
+    weights = {k: v for k, v in on_disk.items() if k in keys}
+    if set(weights) != keys or sum(t.numel() for t in weights.values()) != parameters:
+        raise AdapterkitError(f"{directory / WEIGHTS_FILE} does not hold the {parameters} trainable parameters "
+                              "that were saved; the disk or the folder is faulty")
 
 
 def exported_tensors(record) -> dict[str, torch.Tensor]:
@@ -133,6 +152,7 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
 def load_adapter(model, directory: str | Path, name: str = "default", trainable: bool = False,
                  force: bool = False):
     """Attach the adapter saved in `directory` to `model` (a transformers model or an AdaptedModel)."""
+    from . import fingerprint
     from .core import AdaptedModel
 
     meta, tensors = read_adapter(directory)
@@ -154,10 +174,25 @@ def load_adapter(model, directory: str | Path, name: str = "default", trainable:
             if drift > 1e-4:
                 raise AdapterkitError(f"{key} recomputed from the saved weights differs from the saved one by "
                                       f"{drift:.3g}; the adapter file is inconsistent")
+        record.trained_steps = int(meta.get("trained_steps", 0))
+        _checked(lambda: fingerprint.check(adapted, name, meta.get("fingerprint"), record.trained_steps), force)
     except AdapterkitError:
         adapted.delete(name)
         raise
+    adapted.generation_info = adapted.generation_info or dict(meta.get("generation") or {})
     return adapted
+
+
+def _checked(run, force: bool) -> None:
+    """Run a check; with `force` its failure becomes a warning."""
+    try:
+        run()
+    except AdapterkitError as exc:
+        if not force:
+            raise
+        import warnings
+
+        warnings.warn(f"{exc} (loading anyway because of --force)", stacklevel=3)
 
 
 def _has_module(model, path: str) -> bool:
