@@ -46,7 +46,7 @@ METHOD_CONFIGS = {
     "prefix-tuning": lambda: ak.get_method("prefix-tuning").config_class(num_virtual_tokens=10),
     "p-tuning-v2": lambda: ak.get_method("p-tuning-v2").config_class(num_virtual_tokens=10),
 }
-LEARNING_RATES = {"prompt-tuning": 3e-2, "p-tuning": 1e-2, "prefix-tuning": 1e-3, "p-tuning-v2": 3e-2}
+LEARNING_RATES = {"prompt-tuning": 1e-1, "p-tuning": 1e-2, "prefix-tuning": 1e-3, "p-tuning-v2": 3e-2}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))

@@ -210,7 +210,7 @@ def _records():
     return [{"instruction": q, "input": "x" * (i % 3), "answer": str(i)} for i, q in enumerate(QUESTIONS)]
 
 
-@pytest.mark.parametrize("method", [None, "lora", "prompt-tuning"])
+@pytest.mark.parametrize("method", [None, "lora", "parallel", "prefix-tuning", "prompt-tuning"])
 def test_batch_size_invariance(method):
     """Left padding with the right attention mask and position ids: batch size changes nothing."""
     tokenizer, model = tiny_tokenizer(), tiny_model("llama")
@@ -218,7 +218,7 @@ def test_batch_size_invariance(method):
         torch.manual_seed(0)
         model = adapt(model, get_method(method).config_class(), tokenizer=tokenizer)
         for name, param in model.named_parameters():
-            if "lora_B" in name:  # a visible adapter: LoRA's zero-initialised B would hide it
+            if "lora_B" in name or "adapter_up" in name:  # zero-initialised: make the adapter visible
                 torch.nn.init.normal_(param, std=0.2)
     runs = {b: evaluate(model, tokenizer, _records(), "math", template="bare", batch_size=b, max_new_tokens=12,
                         progress=False)[0] for b in (1, 4, 16)}

@@ -133,7 +133,7 @@ def build_parser() -> Parser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--adapter")
     p.add_argument("--prompt", help="the instruction; read from stdin when absent")
-    p.add_argument("--template", default="alpaca")
+    p.add_argument("--template", help="alpaca, bare or chat (default: the adapter's, else alpaca)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
@@ -153,9 +153,13 @@ def build_parser() -> Parser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--num-beams", type=int, default=1, help="1: greedy decoding; more: beam search")
-    p.add_argument("--template", default="alpaca", help="alpaca, bare or chat")
+    p.add_argument("--template", help="alpaca, bare or chat (default: the adapter's, else alpaca)")
     p.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (the dtype the model is loaded in)")
     p.add_argument("--force", action="store_true", help="load an adapter trained on another base model")
+
+    p = sub.add_parser("verify", help="check an adapter folder: files, weights, base model, modules, fingerprint")
+    p.add_argument("adapter")
+    p.add_argument("--model", help="the base model (default: the one recorded in the adapter)")
 
     p = sub.add_parser("merge", help="merge an adapter into the base and write a plain HF checkpoint")
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -250,20 +254,32 @@ def cmd_generate(args) -> None:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise AdapterkitError("empty prompt: pass --prompt TEXT or text on stdin")
+    from .storage import saved_template
+
+    template = args.template or saved_template(args.adapter) or "alpaca"
     model, tokenizer = load_for_inference(args.model, args.adapter, force=args.force)
-    print(generate(model, tokenizer, [prompt], args.template, args.max_new_tokens,
+    print(generate(model, tokenizer, [prompt], template, args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p)[0])
 
 
 def cmd_eval(args) -> None:
     from .evaluation import format_table, run_eval
+    from .storage import saved_template
 
     results = run_eval(args.model, args.adapter, task=args.task, data=args.data, data_dir=args.data_dir,
                        task_type=args.task_type, train_data=args.train_data, output=args.output,
                        limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       num_beams=args.num_beams, template=args.template, dtype=args.precision, force=args.force)
+                       num_beams=args.num_beams, template=args.template or saved_template(args.adapter) or "alpaca",
+                       dtype=args.precision, force=args.force)
     print(format_table(results))
     print(f"written: {results['output']}/results.json, {results['output']}/predictions.jsonl")
+
+
+def cmd_verify(args) -> None:
+    from .verify import verify
+
+    if not verify(args.adapter, args.model):
+        raise AdapterkitError(f"{args.adapter} failed verification (see the FAIL line above)")
 
 
 def cmd_merge(args) -> None:

@@ -63,6 +63,7 @@ def merge(model_name: str, adapter: str, output: str, overwrite: bool = False, t
     check_output(out, overwrite)
     adapted, tokenizer = load_for_inference(model_name, adapter, force=force)
     probe = probe_inputs(tokenizer)
+    adapted_info = dict(adapted.generation_info)
     before = adapted(**probe).logits.float()
     plain = adapted.merge_and_unload()
     after = plain(**probe).logits.float()
@@ -74,7 +75,9 @@ def merge(model_name: str, adapter: str, output: str, overwrite: bool = False, t
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "merge_report.json").write_text(json.dumps({"adapter": str(adapter), "max_logit_change": drift}) + "\n")
+    report = {"adapter": str(adapter), "max_logit_change": drift, "tolerance": tolerance,
+              "generation": adapted_info}  # the template and end tokens travel with the merged model
+    (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return drift

@@ -71,6 +71,9 @@ def save_adapter(adapted, directory: Path, name: str) -> Path:
         "generation": adapted.generation_info,
         "fingerprint": fingerprint.compute(adapted, name),
     })
+    if record.trained_steps > 0 and meta["fingerprint"]["max_change"] == 0.0:
+        raise AdapterkitError(f"adapter {name!r} was trained for {record.trained_steps} steps but gives exactly the "
+                              "base model's logits; refusing to save an adapter that changes nothing")
     write_files(directory, {CONFIG_FILE: json.dumps(meta, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
     check_saved_weights(directory, set(adapted.adapter_state_dict(name)), parameters)
     return directory
@@ -125,6 +128,17 @@ def write_files(directory: Path, texts: dict[str, str], tensor_files: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def saved_template(directory: str | Path | None) -> str | None:
+    """The prompt template an adapter was trained with (None when unknown or no adapter)."""
+    if directory is None:
+        return None
+    try:
+        meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # the full load reports what is wrong
+    return (meta.get("generation") or {}).get("template")
+
+
 def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config json, tensors) of an adapter folder, with one clear error for each way it can be wrong."""
     directory = Path(directory)
@@ -159,7 +173,7 @@ def load_adapter(model, directory: str | Path, name: str = "default", trainable:
     config = config_from_json(meta)
     adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
     check_base(meta.get("base_model"), base_identity(adapted.base_model, adapted.tokenizer), force)
-    missing = [m for m in meta.get("modules", []) if m != "prompt" and not _has_module(adapted.base_model, m)]
+    missing = [m for m in meta.get("modules", []) if m != "prompt" and not has_module(adapted.base_model, m)]
     if missing:
         raise AdapterkitError(f"the adapter was attached to {missing[0]}, which this model lacks "
                               f"({len(missing)} module(s) missing); it belongs to another base model")
@@ -195,7 +209,7 @@ def _checked(run, force: bool) -> None:
         warnings.warn(f"{exc} (loading anyway because of --force)", stacklevel=3)
 
 
-def _has_module(model, path: str) -> bool:
+def has_module(model, path: str) -> bool:
     try:
         model.get_submodule(path)
         return True

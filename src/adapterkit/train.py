@@ -130,6 +130,8 @@ def _train(settings: TrainSettings, world: World) -> dict:
     encoded = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in train_records]
     val_encoded = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in val_records]
     adapted = adapt(model, config, tokenizer=tokenizer)
+    adapted.generation_info = generation_info(tokenizer, settings.template)
+    record = adapted.records["default"]
     check_length(adapted, settings.cutoff_len, getattr(config, "num_virtual_tokens", 0))
 
     micro, per_step = settings.micro_batch_size, settings.batch_size // settings.micro_batch_size
@@ -172,6 +174,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
     started = time.time()
 
     def after_step(step: int, loss: float, tokens: int) -> None:
+        record.trained_steps = step
         elapsed = time.time() - started
         metrics.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                         "seconds": round(elapsed, 3)})
@@ -199,6 +202,12 @@ def _train(settings: TrainSettings, world: World) -> dict:
         run = finish_run(settings, config, adapted, output, metrics, best, total, world, len(encoded),
                          len(val_encoded), time.time() - started)
     return run
+
+
+def generation_info(tokenizer, template: str) -> dict:
+    """What eval and generate need to prompt the adapter as it was trained and to stop where it learnt to."""
+    return {"template": template, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "chat_template": tokenizer.chat_template if template == "chat" else None}
 
 
 @torch.no_grad()

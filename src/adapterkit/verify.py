@@ -1,0 +1,87 @@
+"""`adapterkit verify`: every check that load runs, one line each, on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .config import config_from_json
+from .errors import AdapterkitError
+from .models import DEFAULT_MODEL
+
+
+def verify(directory: str | Path, model_name: str | None = None, report: Callable[[str], None] = print) -> bool:
+    """Run the checks in order, printing `ok` or `FAIL` for each; False if any failed."""
+    from . import fingerprint
+    from .core import AdaptedModel
+    from .models import load_model
+    from .storage import base_identity, check_base, check_tensors, exported_tensors, has_module, read_adapter
+
+    state: dict = {}
+    all_ok = True
+
+    def step(name: str, run: Callable[[], str | None]) -> bool:
+        nonlocal all_ok
+        try:
+            detail = run()
+        except AdapterkitError as exc:
+            report(f"FAIL  {name}: {exc}")
+            all_ok = False
+            return False
+        report(f"ok    {name}" + (f": {detail}" if detail else ""))
+        return True
+
+    def files():
+        state["meta"], state["tensors"] = read_adapter(directory)
+        state["config"] = config_from_json(state["meta"])
+        return f"{state['meta']['method']}, format version {state['meta']['format_version']}"
+
+    def weights():
+        recorded = state["meta"].get("parameters")
+        trainable = {k: v for k, v in state["tensors"].items() if not k.endswith(".final")}
+        check_tensors(trainable)
+        count = sum(t.numel() for t in trainable.values())
+        if recorded is not None and count != recorded:
+            raise AdapterkitError(f"the file holds {count} parameters, the config records {recorded}")
+        return f"{count:,} parameters, all finite"
+
+    def base():
+        name = model_name or state["meta"].get("base_model", {}).get("name_or_path") or DEFAULT_MODEL
+        model, tokenizer = load_model(name)
+        state["adapted"] = AdaptedModel(model)
+        state["adapted"].tokenizer = tokenizer
+        check_base(state["meta"].get("base_model"), base_identity(model, tokenizer), force=False)
+        return name
+
+    def modules():
+        missing = [m for m in state["meta"].get("modules", []) if m != "prompt"
+                   and not has_module(state["adapted"].base_model, m)]
+        if missing:
+            raise AdapterkitError(f"{len(missing)} recorded module(s) missing, e.g. {missing[0]}")
+        return f"{len(state['meta'].get('modules', []))} modules present"
+
+    def attach():
+        adapted = state["adapted"]
+        record = adapted.add_adapter(state["config"], "verify", trainable=False)
+        tensors = dict(state["tensors"])
+        saved = {k: tensors.pop(k) for k in list(exported_tensors(record)) if k in tensors}
+        adapted.load_adapter_state_dict(tensors, "verify")
+        for key, expected in exported_tensors(record).items():
+            if key in saved and not torch.allclose(saved[key], expected, atol=1e-4):
+                raise AdapterkitError(f"{key} does not follow from the saved weights")
+        return "weights fit the modules"
+
+    def fingerprint_check():
+        meta = state["meta"]
+        now = fingerprint.check(state["adapted"], "verify", meta.get("fingerprint"), int(meta.get("trained_steps", 0)))
+        drift = now.get("drift")
+        return (f"largest logit change from the base {now['max_change']:.3g}"
+                + (f", drift from the saved fingerprint {drift:.2g}" if drift is not None else ", none saved"))
+
+    for name, run in (("files", files), ("weights", weights), ("base model", base), ("modules", modules),
+                      ("attach", attach), ("fingerprint", fingerprint_check)):
+        if not step(name, run):
+            break
+    return all_ok
