@@ -44,3 +44,19 @@ def test_cutoff_keeps_the_end_token():
     tokenizer = tiny_tokenizer()
     example = encode(RECORD, tokenizer, Template("bare"), cutoff=20)
     assert len(example["input_ids"]) == 20 and example["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_jsonl_parquet_and_saved_hf_datasets_read_alike(tmp_path):
+    import datasets
+
+    from adapterkit.data import read_records
+
+    rows = [RECORD, {**RECORD, "instruction": "Add 1 and 1.", "output": "2"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    for source in ("d.jsonl", "d.parquet", "saved"):
+        assert read_records(tmp_path / source) == rows, source
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "x"}\n{oops\n')
+    with pytest.raises(Exception, match="line 2 is not valid JSON"):
+        read_records(tmp_path / "bad.jsonl")

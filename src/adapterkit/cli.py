@@ -169,7 +169,7 @@ def build_parser() -> Parser:
     p.add_argument("--force", action="store_true", help="merge into a base model other than the adapter's")
 
     p = sub.add_parser("demo", help="the README's main job on the default model")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--output", default="runs/demo")
     return parser
 
@@ -249,17 +249,19 @@ def cmd_train(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from transformers import TextStreamer
+
     from .recipes import generate, load_for_inference
+    from .storage import saved_template
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise AdapterkitError("empty prompt: pass --prompt TEXT or text on stdin")
-    from .storage import saved_template
-
     template = args.template or saved_template(args.adapter) or "alpaca"
     model, tokenizer = load_for_inference(args.model, args.adapter, force=args.force)
-    print(generate(model, tokenizer, [prompt], template, args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p)[0])
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints as tokens come
+    generate(model, tokenizer, [prompt], template, args.max_new_tokens, temperature=args.temperature,
+             top_p=args.top_p, streamer=streamer)
 
 
 def cmd_eval(args) -> None:

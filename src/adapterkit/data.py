@@ -63,22 +63,25 @@ class Template:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """LLM-Adapters/Alpaca JSON (a list of records) or JSONL; errors name the record at fault."""
+    """Records from LLM-Adapters/Alpaca JSON (a list), JSONL, parquet, or a `save_to_disk` dataset folder;
+    errors name the record at fault."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        records = _hf_dataset_records(path)
+    elif not path.is_file():
         raise AdapterkitError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise AdapterkitError(f"{path}: line {number} is not valid JSON ({exc.msg})") from exc
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            records = pyarrow.parquet.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a broken file
+            raise AdapterkitError(f"{path}: not a readable parquet file ({exc})") from exc
+    elif path.suffix == ".jsonl":
+        records = _jsonl_records(path)
     else:
         try:
-            records = json.loads(text)
+            records = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise AdapterkitError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from exc
         if not isinstance(records, list):
@@ -90,6 +93,31 @@ def read_records(path: str | Path) -> list[dict]:
                 or not isinstance(record.get("output", ""), str):
             raise AdapterkitError(f"{path}: record {number} lacks a string 'instruction' (and 'output')")
     return records
+
+
+def _jsonl_records(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise AdapterkitError(f"{path}: line {number} is not valid JSON ({exc.msg})") from exc
+    return records
+
+
+def _hf_dataset_records(path: Path) -> list[dict]:
+    """A folder written by `datasets.Dataset.save_to_disk` (a DatasetDict gives its train split)."""
+    if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        raise AdapterkitError(f"{path} is a folder but not a saved Hugging Face dataset (no dataset_info.json)")
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise AdapterkitError(f"{path}: the dataset has splits {list(loaded)} but no 'train' split")
+        loaded = loaded["train"]
+    return loaded.to_list()
 
 
 def encode(record: dict, tokenizer, template: Template, cutoff: int = 256,

@@ -67,7 +67,8 @@ class AdapterState:
         if self.row_adapters is not None:
             wanted = set(self.row_adapters)
             return [n for n in names if n in wanted]
-        return [n for n in names if n in self.active]
+        present = set(names)
+        return [n for n in self.active if n in present]  # stacked in the order they were activated
 
 
 class AdapterSite(nn.Module):

@@ -178,7 +178,8 @@ def _train(settings: TrainSettings, world: World) -> dict:
         elapsed = time.time() - started
         metrics.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                         "seconds": round(elapsed, 3)})
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(elapsed / max(step - start, 1), 1e-9):.0f}")
+        seen = sum(m.get("tokens", 0) for m in metrics if m["step"] > start)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{seen / max(elapsed, 1e-9):.0f}")
         bar.update(1)
         if val_encoded and (step % settings.eval_steps == 0 or step == total):
             val_loss = validation_loss(adapted, val_encoded, micro, tokenizer.pad_token_id, world, autocast)

@@ -39,7 +39,7 @@ def make_optimizer(model: nn.Module, lr: float, warmup: int, total: int):
 
 
 def micro_step(model: nn.Module, batch: dict, scale: float, autocast: torch.dtype | None) -> tuple[float, int]:
-    """Forward and backward of one micro-batch; returns (its mean loss, its labelled tokens).
+    """Forward and backward of one micro-batch; returns (its mean loss, its tokens, padding excluded).
 
     `autocast` wraps the forward only: autocast caches its casts of the weights until its block
     ends, so a block around the optimizer step would keep stale copies of the adapter weights.
@@ -49,7 +49,7 @@ def micro_step(model: nn.Module, batch: dict, scale: float, autocast: torch.dtyp
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = causal_lm_loss(logits, batch["labels"])
     (loss * scale).backward()
-    return loss.item(), int((batch["labels"][:, 1:] != -100).sum())
+    return loss.item(), int(batch["attention_mask"].sum())
 
 
 def fit(model: nn.Module, micro_batches: Callable[[int], list[dict]], start: int, total: int, optimizer,
@@ -58,7 +58,7 @@ def fit(model: nn.Module, micro_batches: Callable[[int], list[dict]], start: int
     """Optimizer steps start..total-1; `micro_batches(step)` gives this process's share of a step."""
     model.train()
     for step in range(start, total):
-        losses = torch.zeros(2, dtype=torch.float64)  # sum of micro-batch losses, labelled tokens
+        losses = torch.zeros(2, dtype=torch.float64)  # sum of micro-batch losses, tokens
         for batch in micro_batches(step):
             loss, tokens = micro_step(model, batch, 1.0 / accumulation, autocast)
             losses += torch.tensor([loss, tokens], dtype=torch.float64)
