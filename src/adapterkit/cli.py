@@ -27,6 +27,20 @@ def _parse_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
+def _parse_mapping(text: str) -> dict[str, float]:
+    """"q_proj=16,v_proj=8" -> {"q_proj": 16, "v_proj": 8} (integers stay integers)."""
+    mapping = {}
+    for item in _parse_list(text):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE pairs separated by commas, got {text!r}")
+        number = _number_or_word(value)
+        if isinstance(number, str):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number in {text!r}")
+        mapping[key.strip()] = int(number) if float(number).is_integer() and "." not in value else number
+    return mapping
+
+
 def _number_or_word(text: str) -> float | str:
     try:
         return float(text)
@@ -45,6 +59,8 @@ def _converter(hint):
         return lambda v: v if v == "all-linear" else _parse_list(v)
     if "float | str" in text:
         return _number_or_word
+    if text.startswith("dict"):
+        return _parse_mapping
     if hint is int or text.startswith("int"):
         return int
     if hint is float or text.startswith("float"):

@@ -245,6 +245,23 @@ class AdaptedModel(nn.Module):
                 {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, name)
         return nn.modules.module._IncompatibleKeys([], [])
 
+    def add_weighted_adapter(self, names: list[str], weights: list[float], new_name: str,
+                             combination: str = "cat") -> None:
+        """A new LoRA adapter combining LoRA adapters: "cat" (exact weighted sum of updates) or "linear"."""
+        from .methods.lora import combine_lora
+
+        combine_lora(self, names, weights, new_name, combination)
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """Trainable parameters grouped by learning rate (a method may scale some, as LoRA+ does B)."""
+        groups: dict[float, list] = {}
+        for record in self.records.values():
+            ratio = getattr(record.config, "lr_ratio", lambda key: 1.0)
+            for key, p in self._parameters_of(record).items():
+                if p.requires_grad:
+                    groups.setdefault(lr * ratio(key), []).append(p)
+        return [{"params": params, "lr": group_lr} for group_lr, params in groups.items()]
+
     def trainable_parameters(self) -> tuple[int, int, float]:
         """(trainable, total, percent) over the whole adapted model."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

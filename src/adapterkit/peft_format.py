@@ -32,7 +32,7 @@ PEFT_TYPES = {"lora": "LORA", "prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_T
               "prefix-tuning": "PREFIX_TUNING", "p-tuning-v2": "PREFIX_TUNING"}
 # LoRA tensors, the only ones written or read: adapterkit parameter <-> PEFT key suffix.
 LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
-_LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)\.weight$")  # prefix: PeftModel
 _KEY_HINTS = {"lora_embedding_": "LoRA on an embedding layer", "lora_magnitude_vector": "DoRA",
               ".bias": "trained biases (bias != 'none')", "modules_to_save": "modules_to_save"}
 # Options that change nothing once the weights exist (LoRA's modules come from the weight keys, so the

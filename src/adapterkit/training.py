@@ -31,10 +31,12 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def make_optimizer(model: nn.Module, lr: float, warmup: int, total: int):
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = model.optimizer_groups(lr) if hasattr(model, "optimizer_groups") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    params = [p for group in groups for p in group["params"]]
     if not params:
         raise AdapterkitError("no trainable parameters: was the adapter loaded with trainable=False?")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total))
 
 

@@ -1,12 +1,16 @@
 """LoRA (Hu et al. 2021): y = W x + (alpha / r) B A x on chosen linear layers; mergeable into W.
 
-rsLoRA (Kalajdzievski 2023) is a scaling switch: alpha / sqrt(r).
+Variants: rsLoRA (Kalajdzievski 2023) is a scaling switch, alpha / sqrt(r); DoRA (Liu et al. 2024)
+is its own effect, a trained magnitude per output feature over the normalised updated weight;
+rank_pattern / alpha_pattern set r and alpha per module; loraplus_lr_ratio (Hayou et al. 2024)
+gives B a larger learning rate than A.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,6 +45,10 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
     modules_to_save: list[str] = option([], "modules trained in full (a trained copy), e.g. lm_head")
     layers: list[int] | None = option(None, "only these decoder layers (default: all)")
+    use_dora: bool = option(False, "DoRA: train a magnitude per output feature of the updated weight")
+    rank_pattern: dict = option({}, "per-module rank: {module name or regex suffix: r}")
+    alpha_pattern: dict = option({}, "per-module alpha: {module name or regex suffix: alpha}")
+    loraplus_lr_ratio: float | None = option(None, "LoRA+: learning rate of B = this ratio x that of A")
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -55,10 +63,33 @@ class LoraConfig(AdapterConfig):
             raise AdapterkitError(f"lora init must be one of {INITS}, got {self.init!r}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise AdapterkitError("lora target_modules is an empty list; name modules or leave it unset")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict) or any(not isinstance(v, (int, float)) or v <= 0 for v in pattern.values()):
+                raise AdapterkitError(f"lora {name} must map module names to positive numbers, got {pattern!r}")
+        if any(not isinstance(v, int) for v in self.rank_pattern.values()):
+            raise AdapterkitError(f"lora rank_pattern values must be integers, got {self.rank_pattern!r}")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise AdapterkitError(f"loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio!r}")
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return self.scaling_for(self.r, self.alpha)
+
+    def scaling_for(self, r: int, alpha: float) -> float:
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """r and alpha of one module: the first pattern whose key matches the end of its path."""
+        def lookup(pattern: dict, default):
+            for key, value in pattern.items():
+                if re.fullmatch(rf"(.*\.)?{key}", path):
+                    return value
+            return default
+        return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.alpha)
+
+    def lr_ratio(self, key: str) -> float:
+        """Learning-rate multiplier of one adapter weight (LoRA+ speeds up B)."""
+        return self.loraplus_lr_ratio if self.loraplus_lr_ratio and key.endswith("lora_B") else 1.0
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
@@ -75,16 +106,16 @@ class LoraEffect(Effect):
     acts_on_output = True
     mergeable = True
 
-    def __init__(self, base: nn.Module, config: LoraConfig, train_bias: bool):
+    def __init__(self, base: nn.Module, config: LoraConfig, train_bias: bool, r: int, alpha: float):
         super().__init__()
         in_features, out_features, self.transposed = linear_shape(base)
-        self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
+        self.lora_A = nn.Parameter(torch.empty(r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r))
         self.lora_bias = nn.Parameter(torch.zeros(out_features)) if train_bias and base.bias is not None else None
-        self.scaling = config.scaling
+        self.scaling = config.scaling_for(r, alpha)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()  # Identity: no copy
         if config.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / config.r)
+            nn.init.normal_(self.lora_A, std=1.0 / r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
@@ -103,6 +134,61 @@ class LoraEffect(Effect):
         _add_checked(base_layer.weight, sign * self.delta_weight())
         if self.lora_bias is not None:
             _add_checked(base_layer.bias, sign * self.lora_bias.float())
+
+
+class DoraEffect(LoraEffect):
+    """DoRA: W' = m * (W + s B A) / ||W + s B A|| per output feature; m starts at ||W||, so the model
+    starts unchanged. The norm is treated as a constant in backward, as the paper (4.3) and PEFT do."""
+
+    def __init__(self, base: nn.Module, config: LoraConfig, train_bias: bool, r: int, alpha: float):
+        super().__init__(base, config, train_bias, r, alpha)
+        self._base = [base]  # a reference, not a child: the base weights are not this adapter's
+        with torch.no_grad():
+            self.magnitude = nn.Parameter(self._weight_norm(self._weight(torch.float32)))
+        self._merged_norm: torch.Tensor | None = None
+
+    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
+        weight = self._base[0].weight.to(dtype)
+        return weight.T if self.transposed else weight  # (out, in)
+
+    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        update = (self.lora_B.to(weight.dtype) @ self.lora_A.to(weight.dtype)) * self.scaling
+        return torch.linalg.norm(weight + update, dim=1)
+
+    def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = cast_for_adapter(self.dropout(x), self.lora_A)
+        lora = F.linear(F.linear(h, self.lora_A) * self.scaling, self.lora_B)
+        weight = self._weight(lora.dtype)
+        scale = self.magnitude.to(lora.dtype) / self._weight_norm(weight).detach()
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = self._base[0].bias
+            base = (y if bias is None else y - bias).to(lora.dtype)
+        else:  # the base output was computed without dropout: recompute it on the dropped input
+            base = F.linear(h, weight)
+        delta = (scale - 1) * base + scale * lora
+        if self.lora_bias is not None:
+            delta = delta + self.lora_bias
+        return y + delta.to(y.dtype)
+
+    @torch.no_grad()
+    def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
+        weight = self._weight(torch.float32)
+        if sign > 0:
+            norm = self._weight_norm(weight)
+            self._merged_norm = norm
+            merged = (self.magnitude.float() / norm).unsqueeze(1) * (weight + self.delta_weight_out())
+        else:
+            original = weight / (self.magnitude.float() / self._merged_norm).unsqueeze(1)
+            merged = original - self.delta_weight_out()
+        new = merged.T if self.transposed else merged
+        if not torch.isfinite(new).all():
+            raise AdapterkitError("merge would produce non-finite weights; the adapter holds inf/NaN values")
+        base_layer.weight.data.copy_(new.to(base_layer.weight.dtype))
+        if self.lora_bias is not None:
+            _add_checked(base_layer.bias, sign * self.lora_bias.float())
+
+    def delta_weight_out(self) -> torch.Tensor:
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
 
 class BiasDelta(Effect):
@@ -176,8 +262,9 @@ def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
         if config.layers is not None:
             paths = [p for p in paths if any(p.startswith(lp + ".") for lp in layer_paths)]
     parts: dict[str, nn.Module] = {}
+    effect = DoraEffect if config.use_dora else LoraEffect
     for path in paths:
-        parts[path] = LoraEffect(base_module(model, path), config, train_bias=config.bias != "none")
+        parts[path] = effect(base_module(model, path), config, config.bias != "none", *config.rank_and_alpha(path))
     if config.bias == "all":
         for path, module in logical_modules(model):
             if path not in parts and isinstance(getattr(module, "bias", None), nn.Parameter):
@@ -190,5 +277,47 @@ def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
     return parts
 
 
+def combine_lora(adapted, names: list[str], weights: list[float], new_name: str,
+                 combination: str = "cat") -> None:
+    """A new LoRA adapter from a weighted combination of LoRA adapters on the same modules.
+
+    cat: ranks are concatenated and the update is exactly sum_i w_i s_i B_i A_i (any ranks);
+    linear: A and B are the sums of sqrt(w_i s_i / s) A_i and sqrt(w_i s_i / s) B_i (equal ranks; the
+    product has cross terms, as PEFT's "linear").
+    """
+    if len(names) != len(weights) or not names:
+        raise AdapterkitError("give one weight per adapter name, and at least one adapter")
+    records = [adapted._record(n) for n in names]
+    if any(not isinstance(r.config, LoraConfig) or r.config.use_dora for r in records):
+        raise AdapterkitError("only plain LoRA adapters (no DoRA) can be combined")
+    paths = set(records[0].parts)
+    if any(set(r.parts) != paths for r in records) or any(
+            not isinstance(p, LoraEffect) for r in records for p in r.parts.values()):
+        raise AdapterkitError("the adapters must target the same modules (and no bias or modules_to_save)")
+    if combination not in ("cat", "linear"):
+        raise AdapterkitError(f"combination must be cat or linear, got {combination!r}")
+    if combination == "linear" and any(w < 0 for w in weights):
+        raise AdapterkitError("combination 'linear' takes square roots of the weights: use 'cat' for negative ones")
+    first = records[0].config
+    if combination == "linear":
+        if len({p.lora_A.shape[0] for r in records for p in r.parts.values()}) != 1:
+            raise AdapterkitError("combination 'linear' needs equal ranks; use 'cat'")
+        rank = first.r
+    else:
+        rank = sum(r.config.r for r in records)
+    config = LoraConfig(r=rank, alpha=float(rank), target_modules=sorted(paths))  # scaling s = 1
+    adapted.add_adapter(config, new_name, activate=False)
+    with torch.no_grad():
+        for path, target in adapted.records[new_name].parts.items():
+            parts = [(w, r.parts[path]) for w, r in zip(weights, records, strict=True)]
+            if combination == "cat":
+                target.lora_A.copy_(torch.cat([w * p.scaling * p.lora_A for w, p in parts]))
+                target.lora_B.copy_(torch.cat([p.lora_B for _, p in parts], dim=1))
+            else:
+                target.lora_A.copy_(sum(math.sqrt(w * p.scaling) * p.lora_A for w, p in parts))
+                target.lora_B.copy_(sum(math.sqrt(w * p.scaling) * p.lora_B for w, p in parts))
+
+
 register_method(Method("lora", LoraConfig, attach_lora, family="low-rank",
-                       summary="low-rank update B A on linear layers (rsLoRA via use_rslora)", mergeable=True))
+                       summary="low-rank update B A on linear layers (rsLoRA, DoRA, per-module ranks, LoRA+)",
+                       mergeable=True))
