@@ -184,6 +184,14 @@ def build_parser() -> Parser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--force", action="store_true", help="merge into a base model other than the adapter's")
 
+    p = sub.add_parser("export", help="write an adapter in another library's format (peft: Hugging Face PEFT)")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--format", choices=("peft",), default="peft")
+    p.add_argument("--output", required=True)
+    p.add_argument("--model", help="the base model (default: the one recorded in the adapter)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--force", action="store_true", help="load the adapter onto a base model other than its own")
+
     p = sub.add_parser("demo", help="the README's main job on the default model")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--output", default="runs/demo")
@@ -305,6 +313,13 @@ def cmd_merge(args) -> None:
 
     drift = merge(args.model, args.adapter, args.output, args.overwrite, force=args.force)
     print(f"merged checkpoint written to {args.output} (largest logit change merged vs unmerged: {drift:.2e})")
+
+
+def cmd_export(args) -> None:
+    from .peft_format import export_folder
+
+    out = export_folder(args.adapter, args.output, model=args.model, overwrite=args.overwrite, force=args.force)
+    print(f"PEFT adapter written to {out}; load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r})")
 
 
 def cmd_demo(args) -> None:

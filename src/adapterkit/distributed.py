@@ -57,6 +57,12 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
         offset += g.numel()
 
 
+def barrier(world: World) -> None:
+    """Wait for every process (the main one writes the final files while the others wait)."""
+    if world.size > 1:
+        dist.barrier()
+
+
 def finish(world: World) -> None:
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()

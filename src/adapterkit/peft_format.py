@@ -3,11 +3,13 @@
 A PEFT folder is adapter_config.json (PEFT's config dataclass, marked by `peft_type`) and
 adapter_model.safetensors. LoRA is saved as `base_model.model.<module path>.lora_A.weight` [r, in] and
 `.lora_B.weight` [out, r]: the matrices adapterkit keeps, also on GPT-2's Conv1D (PEFT's
-fan_in_fan_out=True transposes only the base weight). Prompt methods are saved by PEFT as one tensor,
-`prompt_embeddings`: the encoder's output (the virtual embeddings [k, d], or the prefixes flattened as
-[k, layers, (key, value), kv_heads, head_dim]), which PEFT loads in inference mode without the P-Tuning
-encoder or the prefix projection. So a PEFT P-Tuning folder reads as prompt tuning and a projected
-prefix as a direct one: the same logits, without the (unsaved) encoder.
+fan_in_fan_out=True transposes only the base weight); DoRA adds `.lora_magnitude_vector` [out]. Modules
+whose rank or alpha differ from r and alpha are written as rank_pattern/alpha_pattern entries keyed by
+their escaped full path, and read back per module as PEFT applies them. Prompt methods are saved by PEFT
+as one tensor, `prompt_embeddings`: the encoder's output (the virtual embeddings [k, d], or the prefixes
+flattened as [k, layers, (key, value), kv_heads, head_dim]), which PEFT loads in inference mode without
+the P-Tuning encoder or the prefix projection. So a PEFT P-Tuning folder reads as prompt tuning and a
+projected prefix as a direct one: the same logits, without the (unsaved) encoder.
 """
 
 from __future__ import annotations
@@ -30,23 +32,26 @@ PEFT_PREFIX = "base_model.model."
 EMBEDDINGS_KEY = "prompt_embeddings"
 PEFT_TYPES = {"lora": "LORA", "prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING",
               "prefix-tuning": "PREFIX_TUNING", "p-tuning-v2": "PREFIX_TUNING"}
-# LoRA tensors, the only ones written or read: adapterkit parameter <-> PEFT key suffix.
-LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)\.weight$")  # prefix: PeftModel
-_KEY_HINTS = {"lora_embedding_": "LoRA on an embedding layer", "lora_magnitude_vector": "DoRA",
-              ".bias": "trained biases (bias != 'none')", "modules_to_save": "modules_to_save"}
+# LoRA tensors, the only ones written or read: adapterkit parameter <-> PEFT key suffix (DoRA: magnitude).
+LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+_FROM_PEFT = {theirs: ours for ours, theirs in LORA_KEYS.items()}
+_LORA_KEY = re.compile(rf"^(?:base_model\.model\.)?(.+)\.({'|'.join(map(re.escape, _FROM_PEFT))})$")
+_KEY_HINTS = {"lora_embedding_": "LoRA on an embedding layer", ".bias": "trained biases (bias or lora_bias)",
+              "modules_to_save": "modules_to_save"}
 # Options that change nothing once the weights exist (LoRA's modules come from the weight keys, so the
 # options that chose them, layers_to_transform and layers_pattern included, are honoured as saved).
-_COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
-           "auto_mapping"}
-_LORA_INERT = _COMMON | {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out",
-                         "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "bias",
-                         "megatron_core", "qalora_group_size", "ensure_weight_tying", "eva_config"}
-_PROMPT_INERT = _COMMON | {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
-                           "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
-                           "tokenizer_kwargs", "encoder_reparameterization_type", "encoder_hidden_size",
-                           "encoder_num_layers", "encoder_dropout", "prefix_projection", "init_weights"}
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")  # initialisations that leave the base weights alone
+_COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+           "peft_version", "auto_mapping"}
+_LORA_INERT = _COMMON | {
+    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "use_rslora",
+    "init_lora_weights", "layers_to_transform", "layers_pattern", "bias", "use_dora", "rank_pattern",
+    "alpha_pattern", "megatron_core", "qalora_group_size", "ensure_weight_tying", "eva_config"}
+_PROMPT_INERT = _COMMON | {
+    "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers",
+    "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs",
+    "encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout",
+    "prefix_projection", "init_weights"}
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")  # these leave the base weights alone
 _CHECK_NAME = "peft-export-check"
 
 
@@ -68,12 +73,12 @@ def read_peft(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (OSError, ValueError) as exc:
         raise AdapterkitError(f"{directory / CONFIG_FILE} cannot be read as JSON ({exc})") from exc
     if not isinstance(meta, dict) or "peft_type" not in meta:
-        raise AdapterkitError(f"{directory} is not a PEFT adapter folder (its {CONFIG_FILE} has no peft_type)")
+        raise AdapterkitError(f"{directory} is not a PEFT adapter folder ({CONFIG_FILE} has no peft_type)")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         if (directory / "adapter_model.bin").is_file():
-            raise AdapterkitError(f"{directory} holds its PEFT weights only as adapter_model.bin, a pickle file, "
-                                  "which adapterkit never loads; re-save it with PEFT as safetensors "
+            raise AdapterkitError(f"{directory} holds its PEFT weights only as adapter_model.bin, a pickle "
+                                  "file, which adapterkit never loads; re-save it with PEFT as safetensors "
                                   "(model.save_pretrained(dir, safe_serialization=True))")
         raise AdapterkitError(f"{directory} has no {WEIGHTS_FILE}; the PEFT adapter folder is incomplete")
     try:
@@ -93,27 +98,27 @@ def load_peft(model, directory: str | Path, name: str = "default", trainable: bo
     return adapted
 
 
-def from_peft(meta: dict, tensors: dict[str, torch.Tensor], shape) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+def from_peft(meta: dict, tensors: dict[str, torch.Tensor], shape) -> tuple[AdapterConfig, dict]:
     """adapterkit's (config, weights keyed by module path) for a PEFT config and its tensors."""
     kind = meta.get("peft_type")
     if meta.get("task_type") not in (None, "CAUSAL_LM"):
-        raise AdapterkitError(f"the PEFT adapter is for task {meta['task_type']}; adapterkit adapts causal LMs "
-                              "(task_type CAUSAL_LM)")
+        raise AdapterkitError(f"the PEFT adapter is for task {meta['task_type']}; adapterkit adapts causal "
+                              "LMs (task_type CAUSAL_LM)")
     if kind == "LORA":
         return _lora_from_peft(meta, tensors)
     if kind in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         return _prompt_from_peft(meta, tensors, shape)
-    raise AdapterkitError(f"PEFT type {kind!r} has no adapterkit equivalent; adapterkit reads LORA, PROMPT_TUNING, "
-                          "P_TUNING and PREFIX_TUNING (merge other adapters into the base with PEFT's "
-                          "merge_and_unload, where PEFT can)")
+    raise AdapterkitError(f"PEFT type {kind!r} has no adapterkit equivalent; adapterkit reads LORA, "
+                          "PROMPT_TUNING, P_TUNING and PREFIX_TUNING (merge other adapters into the base "
+                          "with PEFT's merge_and_unload, where PEFT can)")
 
 
 def _check_options(meta: dict, inert: set[str]) -> None:
     for key, value in sorted(meta.items()):
         if key not in inert and value not in (None, False, {}, [], ""):
             raise AdapterkitError(f"the PEFT {meta['peft_type']} option {key}={value!r} has no adapterkit "
-                                  "equivalent; merge the adapter with PEFT (merge_and_unload) and use the merged "
-                                  "model as the base, or retrain it without that option")
+                                  "equivalent; merge the adapter with PEFT (merge_and_unload) and use the "
+                                  "merged model as the base, or retrain it without that option")
 
 
 def _lora_from_peft(meta: dict, tensors: dict[str, torch.Tensor]):
@@ -123,26 +128,42 @@ def _lora_from_peft(meta: dict, tensors: dict[str, torch.Tensor]):
                               "merge it with PEFT (merge_and_unload) and use the merged model")
     init = meta.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:
-        raise AdapterkitError(f"PEFT init_lora_weights={init!r} rewrites the base weights, so this adapter only "
-                              "fits PEFT's modified base; convert it with PEFT first (save_pretrained with "
-                              "path_initial_model_for_weight_conversion)")
+        raise AdapterkitError(f"PEFT init_lora_weights={init!r} rewrites the base weights, so this adapter "
+                              "only fits PEFT's modified base; convert it with PEFT first (save_pretrained "
+                              "with path_initial_model_for_weight_conversion)")
     weights = {}
     for key, tensor in tensors.items():
         match = _LORA_KEY.match(key)
         if match is None:
             what = next((v for k, v in _KEY_HINTS.items() if k in key), "an unknown tensor")
             raise AdapterkitError(f"the PEFT LoRA file holds {key} ({what}), which adapterkit cannot read")
-        weights[f"{match[1]}.{match[2]}"] = tensor
+        weights[f"{match[1]}.{_FROM_PEFT[match[2]]}"] = tensor
     paths = sorted({key.rpartition(".")[0] for key in weights})
     if not paths:
         raise AdapterkitError("the PEFT LoRA file holds no lora_A/lora_B weights")
-    half = [p for p in paths if f"{p}.lora_A" not in weights or f"{p}.lora_B" not in weights]
-    if half:
-        raise AdapterkitError(f"the PEFT LoRA file has lora_A without lora_B (or the reverse) for {half[0]}")
-    config = LoraConfig(r=meta.get("r", 8), alpha=meta.get("lora_alpha", 8), dropout=meta.get("lora_dropout") or 0.0,
-                        target_modules=paths, use_rslora=bool(meta.get("use_rslora")),
-                        init="gaussian" if init == "gaussian" else "default")
+    dora = bool(meta.get("use_dora"))
+    needed = ("lora_A", "lora_B", "magnitude") if dora else ("lora_A", "lora_B")
+    lacking = [(p, n) for p in paths for n in needed if f"{p}.{n}" not in weights]
+    if lacking:
+        raise AdapterkitError(f"the PEFT LoRA file lacks {LORA_KEYS[lacking[0][1]]} of {lacking[0][0]}")
+    r, alpha = meta.get("r", 8), meta.get("lora_alpha", 8)
+    ranks = {p: weights[f"{p}.lora_A"].shape[0] for p in paths}  # PEFT's rank_pattern, as applied
+    alphas = {p: _peft_pattern(meta.get("alpha_pattern") or {}, p, alpha) for p in paths}
+    config = LoraConfig(r=r, alpha=alpha, dropout=meta.get("lora_dropout") or 0.0, target_modules=paths,
+                        use_rslora=bool(meta.get("use_rslora")), use_dora=dora,
+                        init="gaussian" if init == "gaussian" else "default",
+                        rank_pattern=_exact(ranks, r), alpha_pattern=_exact(alphas, alpha))
     return config, weights
+
+
+def _peft_pattern(pattern: dict, path: str, default):
+    """PEFT's per-module value (its get_pattern_key): the first key that matches the end of the path."""
+    return next((value for key, value in pattern.items() if re.match(rf"(.*\.)?({key})$", path)), default)
+
+
+def _exact(values: dict, default) -> dict:
+    """A rank or alpha pattern naming each module that differs from the default by its escaped full path."""
+    return {re.escape(path): value for path, value in sorted(values.items()) if value != default}
 
 
 def _prompt_from_peft(meta: dict, tensors: dict[str, torch.Tensor], shape):
@@ -151,21 +172,21 @@ def _prompt_from_peft(meta: dict, tensors: dict[str, torch.Tensor], shape):
         raise AdapterkitError("the PEFT prompt adapter has 2 transformer submodules (encoder-decoder); "
                               "adapterkit adapts decoder-only causal LMs")
     if set(tensors) != {EMBEDDINGS_KEY}:
-        raise AdapterkitError(f"a PEFT {meta['peft_type']} file holds exactly {EMBEDDINGS_KEY}; this one holds "
-                              f"{sorted(tensors)}")
-    k = meta.get("num_virtual_tokens")
+        raise AdapterkitError(f"a PEFT {meta['peft_type']} file holds exactly {EMBEDDINGS_KEY}; this one "
+                              f"holds {sorted(tensors)}")
+    k, weights = meta.get("num_virtual_tokens"), {f"{PROMPT_KEY}.embedding.weight": tensors[EMBEDDINGS_KEY]}
     if meta["peft_type"] != "PREFIX_TUNING":  # P-Tuning too: PEFT saved the encoder's output only
-        return PromptTuningConfig(num_virtual_tokens=k), {f"{PROMPT_KEY}.embedding.weight": tensors[EMBEDDINGS_KEY]}
+        return PromptTuningConfig(num_virtual_tokens=k), weights
     saved = (meta.get("num_layers"), meta.get("num_attention_heads"), meta.get("token_dim"))
     ours = (shape.layers, shape.kv_heads, shape.kv_heads * shape.head_dim)
     if saved != ours:
-        raise AdapterkitError(f"the PEFT prefix was made for (layers, key/value heads, width) {saved}, this model has "
-                              f"{ours}; load it onto its own base model")
+        raise AdapterkitError(f"the PEFT prefix was made for (layers, key/value heads, width) {saved}, this "
+                              f"model has {ours}; load it onto its own base model")
     config = PrefixTuningConfig(num_virtual_tokens=k, prefix_projection=False, encoder_hidden_size=None)
-    return config, {f"{PROMPT_KEY}.embedding.weight": tensors[EMBEDDINGS_KEY]}
+    return config, weights
 
 
-def _attach(adapted, config: AdapterConfig, weights: dict[str, torch.Tensor], name: str, trainable: bool) -> None:
+def _attach(adapted, config: AdapterConfig, weights: dict, name: str, trainable: bool) -> None:
     adapted.add_adapter(config, name, trainable=trainable)
     try:
         adapted.load_adapter_state_dict(weights, name)
@@ -180,22 +201,22 @@ def refuse_unexportable(config: AdapterConfig) -> None:
     method = get_method(config.method)
     own = "keep it in adapterkit's own format (adapterkit.load(model, DIR), or --adapter DIR)"
     if config.method not in PEFT_TYPES:
-        merge = "; it cannot be merged either (non-linear)" if not method.mergeable else \
-            ", or merge it into the base (adapterkit merge)"
+        merge = ", or merge it into the base (adapterkit merge)" if method.mergeable else \
+            "; it cannot be merged either (non-linear)"
         raise AdapterkitError(f"PEFT has no {config.method} ({method.family} method): {own}{merge}")
     if isinstance(config, LoraConfig) and (config.bias != "none" or config.modules_to_save):
-        raise AdapterkitError(f"exporting LoRA with bias={config.bias!r} or modules_to_save to PEFT is not supported "
-                              f"yet: merge it into the base (adapterkit merge), or {own}")
+        raise AdapterkitError(f"exporting LoRA with bias={config.bias!r} or modules_to_save to PEFT is not "
+                              f"supported yet: merge it into the base (adapterkit merge), or {own}")
     if isinstance(config, PrefixTuningConfig) and config.layers is not None:
-        raise AdapterkitError(f"PEFT's prefix tuning puts prefixes in every layer, so a {config.method} adapter with "
-                              f"layers={config.layers} has no PEFT equivalent; {own}")
+        raise AdapterkitError(f"PEFT's prefix tuning puts prefixes in every layer, so a {config.method} "
+                              f"adapter with layers={config.layers} has no PEFT equivalent; {own}")
 
 
 def to_peft(adapted, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(PEFT adapter_config.json content, PEFT tensors) of adapter `name`."""
     record = adapted._record(name)
     if record.merged:
-        raise AdapterkitError(f"adapter {name!r} is merged into the base weights: unmerge() it before exporting")
+        raise AdapterkitError(f"adapter {name!r} is merged into the base weights: unmerge() it to export it")
     config = record.config
     refuse_unexportable(config)
     common = {"peft_type": PEFT_TYPES[config.method], "task_type": "CAUSAL_LM", "inference_mode": True,
@@ -208,11 +229,16 @@ def to_peft(adapted, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
 def _lora_to_peft(config: LoraConfig, parts: dict, common: dict):
     odd = [path for path, part in parts.items() if not isinstance(part, LoraEffect)]
     if odd:
-        raise AdapterkitError(f"the LoRA adapter has a part at {odd[0]} that is not a low-rank update; not exportable")
+        raise AdapterkitError(f"the LoRA adapter's part at {odd[0]} is not a low-rank update; not exportable")
     tensors = {f"{PEFT_PREFIX}{path}.{theirs}": getattr(part, ours).detach().float().cpu().contiguous()
-               for path, part in parts.items() for ours, theirs in LORA_KEYS.items()}
+               for path, part in parts.items() for ours, theirs in LORA_KEYS.items()
+               if getattr(part, ours, None) is not None}
+    ranks_alphas = {path: config.rank_and_alpha(path) for path in parts}
+    ranks, alphas = ({path: pair[i] for path, pair in ranks_alphas.items()} for i in (0, 1))
     meta = {**common, "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
             "target_modules": sorted(parts), "bias": "none", "use_rslora": config.use_rslora,
+            "use_dora": config.use_dora, "rank_pattern": _exact(ranks, config.r),
+            "alpha_pattern": _exact(alphas, config.alpha),
             "fan_in_fan_out": any(part.transposed for part in parts.values()),  # GPT-2's Conv1D
             "init_lora_weights": "gaussian" if config.init == "gaussian" else True, "modules_to_save": None}
     return meta, tensors
@@ -223,7 +249,7 @@ def _prompt_to_peft(config, part, shape, common: dict):
         final = part.final().detach().float().cpu()
     meta = {**common, "num_virtual_tokens": config.num_virtual_tokens, "num_transformer_submodules": 1,
             "num_layers": shape.layers}
-    if isinstance(config, PrefixTuningConfig):  # [layers, 2, kv_heads, k, head_dim] -> [k, layers*2*kv_heads*head_dim]
+    if isinstance(config, PrefixTuningConfig):  # [layers, 2, kv_heads, k, head_dim] -> [k, everything]
         embeddings = final.permute(3, 0, 1, 2, 4).reshape(config.num_virtual_tokens, -1)
         token_dim = shape.kv_heads * shape.head_dim
         meta.update(token_dim=token_dim, num_attention_heads=shape.kv_heads,
@@ -234,7 +260,8 @@ def _prompt_to_peft(config, part, shape, common: dict):
         meta.update(token_dim=dim, num_attention_heads=shape.heads)
         if isinstance(config, PTuningConfig):
             meta.update(encoder_reparameterization_type=config.encoder_type.upper(), encoder_num_layers=2,
-                        encoder_hidden_size=config.encoder_hidden_size or dim, encoder_dropout=config.encoder_dropout)
+                        encoder_hidden_size=config.encoder_hidden_size or dim,
+                        encoder_dropout=config.encoder_dropout)
         else:
             meta.update(prompt_tuning_init="RANDOM")  # the embeddings are loaded; no tokenizer needed
     return meta, {EMBEDDINGS_KEY: embeddings.contiguous()}
@@ -254,8 +281,8 @@ def check_round_trip(adapted, name: str, meta: dict, tensors: dict[str, torch.Te
     drift = fingerprint.relative_drift(got, want)
     tolerance = fingerprint.TOLERANCE.get(next(adapted.base_model.parameters()).dtype, 5e-2) / 10
     if not drift <= tolerance:
-        raise AdapterkitError(f"the PEFT files read back give logits that drift by {drift:.3g} from the adapter's "
-                              f"(> {tolerance:g}); nothing written")
+        raise AdapterkitError(f"the PEFT files read back give logits that drift by {drift:.3g} from the "
+                              f"adapter's (> {tolerance:g}); nothing written")
     return drift
 
 
@@ -269,13 +296,14 @@ def export_peft(adapted, output: str | Path, name: str | None = None, overwrite:
     name = name or adapted._single_name()
     meta, tensors = to_peft(adapted, name)
     check_round_trip(adapted, name, meta, tensors)
-    write_files(out, {CONFIG_FILE: json.dumps(meta, indent=2, sort_keys=True) + "\n"}, {WEIGHTS_FILE: tensors})
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    write_files(out, {CONFIG_FILE: text}, {WEIGHTS_FILE: tensors})
     return out
 
 
 def export_folder(adapter: str | Path, output: str | Path, model: str | None = None, overwrite: bool = False,
                   force: bool = False) -> Path:
-    """`adapterkit export --format peft`: load the adapter folder onto its base model, write the PEFT folder."""
+    """`adapterkit export --format peft`: load the adapter onto its base model, write the PEFT folder."""
     from .config import config_from_json
     from .models import DEFAULT_MODEL
     from .recipes import check_output, load_for_inference

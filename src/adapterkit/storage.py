@@ -168,7 +168,10 @@ def load_adapter(model, directory: str | Path, name: str = "default", trainable:
     """Attach the adapter saved in `directory` to `model` (a transformers model or an AdaptedModel)."""
     from . import fingerprint
     from .core import AdaptedModel
+    from .peft_format import is_peft_folder, load_peft
 
+    if is_peft_folder(directory):  # a Hugging Face PEFT folder: read directly (safetensors only)
+        return load_peft(model, directory, name, trainable=trainable)
     meta, tensors = read_adapter(directory)
     config = config_from_json(meta)
     adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)

@@ -23,7 +23,7 @@ from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from .config import get_method
 from .core import adapt
 from .data import Template, collate, encode, epoch_batches, read_records, split_validation
-from .distributed import World, finish, init_world, sum_across
+from .distributed import World, barrier, finish, init_world, sum_across
 from .errors import AdapterkitError
 from .models import DEFAULT_MODEL, load_model
 from .recipes import check_output
@@ -110,7 +110,9 @@ def train(settings: TrainSettings) -> dict:
     """Fine-tune one adapter; returns the run summary also written to run.json."""
     world = init_world()
     try:
-        return _train(settings, world)
+        run = _train(settings, world)
+        barrier(world)  # nobody leaves the group while the main process still writes
+        return run
     finally:
         finish(world)
 

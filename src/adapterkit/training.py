@@ -22,6 +22,22 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+def labelled_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The causal LM loss with logits computed only where a label exists (transformers' boolean
+    `logits_to_keep`): the output projection over the vocabulary (49k rows for the default model)
+    skips the prompt and padding. Equal to `causal_lm_loss` of the full logits."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = targets != -100
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    logits = logits.reshape(-1, logits.shape[-1])
+    wanted = targets[targets != -100]
+    if wanted.numel() == 0:
+        return logits.sum() * 0.0
+    return nn.functional.cross_entropy(logits.float(), wanted)
+
+
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -48,8 +64,7 @@ def micro_step(model: nn.Module, batch: dict, scale: float, autocast: torch.dtyp
     """
     with torch.autocast(batch["input_ids"].device.type, dtype=autocast or torch.bfloat16,
                         enabled=autocast is not None):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = causal_lm_loss(logits, batch["labels"])
+        loss = labelled_loss(model, batch)
     (loss * scale).backward()
     return loss.item(), int(batch["attention_mask"].sum())
 

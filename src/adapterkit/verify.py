@@ -34,6 +34,11 @@ def verify(directory: str | Path, model_name: str | None = None, report: Callabl
         return True
 
     def files():
+        from .peft_format import is_peft_folder
+
+        if is_peft_folder(directory):
+            raise AdapterkitError("a Hugging Face PEFT folder: `load` and --adapter read it, but it records no base "
+                                  "identity or fingerprint to verify; import it and save it in adapterkit's format")
         state["meta"], state["tensors"] = read_adapter(directory)
         state["config"] = config_from_json(state["meta"])
         return f"{state['meta']['method']}, format version {state['meta']['format_version']}"

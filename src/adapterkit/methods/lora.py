@@ -82,7 +82,7 @@ class LoraConfig(AdapterConfig):
         """r and alpha of one module: the first pattern whose key matches the end of its path."""
         def lookup(pattern: dict, default):
             for key, value in pattern.items():
-                if re.fullmatch(rf"(.*\.)?{key}", path):
+                if re.fullmatch(rf"(.*\.)?(?:{key})", path):
                     return value
             return default
         return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.alpha)

@@ -276,6 +276,10 @@ def prompt_inputs(adapted, part: PromptPart, kwargs: dict[str, Any]) -> tuple[di
     if kwargs.get("position_ids") is not None:
         positions = kwargs["position_ids"]
         kwargs["position_ids"] = torch.cat([torch.arange(k, device=device).expand(batch, k), positions + k], dim=1)
+    keep = kwargs.get("logits_to_keep")
+    if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.dim() == 2:
+        kwargs["logits_to_keep"] = torch.cat([keep.new_zeros(batch, k), keep], dim=1)  # no virtual logits
+        return kwargs, 0
     return kwargs, k
 
 
