@@ -250,9 +250,9 @@ def render(results: list[dict], args) -> str:
             f"Machine: {machine()}\n\n" + tables(results))
 
 
-def write_section(path: Path, report: str) -> None:
-    """Replace the section between the benchmark markers (or append it)."""
-    begin, end = "<!-- train_speed begin -->", "<!-- train_speed end -->"
+def write_section(path: Path, report: str, name: str = "train_speed") -> None:
+    """Replace the section between this benchmark's markers (or append it)."""
+    begin, end = f"<!-- {name} begin -->", f"<!-- {name} end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{begin}\n{report}\n{end}"
     if begin in text and end in text:
