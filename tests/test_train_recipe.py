@@ -107,15 +107,15 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tiny_llama_dir, da
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_llama_dir, data_file, tmp_path, monkeypatch, capsys):
-    real_loss = training.causal_lm_loss
+    real_loss = training.labelled_loss
     calls = {"n": 0}
 
-    def nan_from_step_three(logits, labels):
+    def nan_from_step_three(model, batch):
         calls["n"] += 1
-        loss = real_loss(logits, labels)
+        loss = real_loss(model, batch)
         return loss * float("nan") if calls["n"] > 2 * 4 else loss  # 4 micro-batches a step
 
-    monkeypatch.setattr(training, "causal_lm_loss", nan_from_step_three)
+    monkeypatch.setattr(training, "labelled_loss", nan_from_step_three)
     out = tmp_path / "out"
     assert main([*_args(tiny_llama_dir, data_file, out), "--max-steps", "6", "--save-steps", "2",
                  "--val-set-size", "0"]) == 2
