@@ -91,6 +91,9 @@ def build(spec: dict):
         def loss_of(batch):
             return model(**batch).loss
     else:
+        from adapterkit.allocator import tune_allocator
+
+        tune_allocator()  # what adapterkit's training loop does (see src/adapterkit/allocator.py)
         method, options = OURS[spec["method"]]
         options = dict(options)
         if spec.get("rank"):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from .allocator import tune_allocator
 from .distributed import World, sum_across, sum_gradients
 from .errors import AdapterkitError
 
@@ -73,6 +74,7 @@ def fit(model: nn.Module, micro_batches: Callable[[int], list[dict]], start: int
         scheduler, params: list, world: World, accumulation: int, max_grad_norm: float = 1.0,
         autocast: torch.dtype | None = None, after_step: Callable[[int, float, int], None] | None = None) -> None:
     """Optimizer steps start..total-1; `micro_batches(step)` gives this process's share of a step."""
+    tune_allocator()
     model.train()
     for step in range(start, total):
         losses = torch.zeros(2, dtype=torch.float64)  # sum of micro-batch losses, tokens
