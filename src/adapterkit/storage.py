@@ -163,6 +163,21 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
     return meta, tensors
 
 
+def load_weights(adapted, record, tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Copy saved weights into adapter `name`; saved exports (a prompt's final embeddings) must follow
+    from them."""
+    tensors = dict(tensors)
+    exported = {k: tensors.pop(k) for k in list(exported_tensors(record)) if k in tensors}
+    adapted.load_adapter_state_dict(tensors, name)
+    for key, expected in exported_tensors(record).items():
+        if key not in exported:
+            raise AdapterkitError(f"the adapter file lacks {key}; it was not saved by this adapterkit")
+        drift = (exported[key] - expected).abs().max().item()
+        if drift > 1e-4:
+            raise AdapterkitError(f"{key} recomputed from the saved weights differs from the saved one by "
+                                  f"{drift:.3g}; the adapter file is inconsistent")
+
+
 def load_adapter(model, directory: str | Path, name: str = "default", trainable: bool = False,
                  force: bool = False):
     """Attach the adapter saved in `directory` to `model` (a transformers model or an AdaptedModel)."""
@@ -182,15 +197,7 @@ def load_adapter(model, directory: str | Path, name: str = "default", trainable:
                               f"({len(missing)} module(s) missing); it belongs to another base model")
     record = adapted.add_adapter(config, name, trainable=trainable)
     try:
-        exported = {k: tensors.pop(k) for k in list(exported_tensors(record)) if k in tensors}
-        adapted.load_adapter_state_dict(tensors, name)
-        for key, expected in exported_tensors(record).items():
-            if key not in exported:
-                raise AdapterkitError(f"the adapter file lacks {key}; it was not saved by this adapterkit")
-            drift = (exported[key] - expected).abs().max().item()
-            if drift > 1e-4:
-                raise AdapterkitError(f"{key} recomputed from the saved weights differs from the saved one by "
-                                      f"{drift:.3g}; the adapter file is inconsistent")
+        load_weights(adapted, record, tensors, name)
         record.trained_steps = int(meta.get("trained_steps", 0))
         _checked(lambda: fingerprint.check(adapted, name, meta.get("fingerprint"), record.trained_steps), force)
     except AdapterkitError:

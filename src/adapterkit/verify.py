@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from .config import config_from_json
 from .errors import AdapterkitError
 from .models import DEFAULT_MODEL
@@ -17,7 +15,7 @@ def verify(directory: str | Path, model_name: str | None = None, report: Callabl
     from . import fingerprint
     from .core import AdaptedModel
     from .models import load_model
-    from .storage import base_identity, check_base, check_tensors, exported_tensors, has_module, read_adapter
+    from .storage import base_identity, check_base, check_tensors, has_module, load_weights, read_adapter
 
     state: dict = {}
     all_ok = True
@@ -68,14 +66,8 @@ def verify(directory: str | Path, model_name: str | None = None, report: Callabl
         return f"{len(state['meta'].get('modules', []))} modules present"
 
     def attach():
-        adapted = state["adapted"]
-        record = adapted.add_adapter(state["config"], "verify", trainable=False)
-        tensors = dict(state["tensors"])
-        saved = {k: tensors.pop(k) for k in list(exported_tensors(record)) if k in tensors}
-        adapted.load_adapter_state_dict(tensors, "verify")
-        for key, expected in exported_tensors(record).items():
-            if key in saved and not torch.allclose(saved[key], expected, atol=1e-4):
-                raise AdapterkitError(f"{key} does not follow from the saved weights")
+        record = state["adapted"].add_adapter(state["config"], "verify", trainable=False)
+        load_weights(state["adapted"], record, state["tensors"], "verify")
         return "weights fit the modules"
 
     def fingerprint_check():
