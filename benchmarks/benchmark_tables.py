@@ -45,13 +45,14 @@ def tables(results: list[dict]) -> str:
                  f"{r['seconds_per_step']:.2f}"] for r in loss]
         out.append("### Loss after N steps (LoRA r 8, lr 3e-4, same batches and seed)\n\n" + _table(
             ["configuration", "steps", "loss at the last step", "vs PEFT fp32", "median s/step"], rows))
-    gen = [r for r in results if r["spec"]["section"] == "generate"]
+    gen = [row for r in results if r["spec"]["section"] == "generate" for row in r["rows"]]
     if gen:
-        base = {r["batch"]: r["tokens_per_s"] for r in gen if r["method"] == "base"}
-        rows = [[r["method"] + (" merged" if r.get("merged") else ""), r["batch"], f"{r['tokens_per_s']:.1f}",
-                 f"{r['tokens_per_s'] / base[r['batch']]:.2f}x" if r["batch"] in base else "-"] for r in gen]
-        out.append("### Generation, 64 new tokens, fp32, KV cache\n\n" + _table(
-            ["model", "batch", "tokens/s", "vs base model"], rows))
+        rounds = next(r["spec"]["repeats"] for r in results if r["spec"]["section"] == "generate")
+        rows = [[r["method"], r["batch"], f"{r['tokens_per_s']:.1f}", f"{r['vs_base']:.2f}x",
+                 f"{r['vs_base_range'][0]:.2f}-{r['vs_base_range'][1]:.2f}x"] for r in gen]
+        out.append(f"### Generation, 64 new tokens, fp32, KV cache\n\nAll models in one process, timed in {rounds} "
+                   "interleaved rounds; 'vs base model' is the median of the per-round ratios.\n\n" + _table(
+                       ["model", "batch", "tokens/s (median)", "vs base model", "range over rounds"], rows))
     scaling = [r for r in results if r["spec"]["section"] == "scaling"]
     if scaling:
         rows = [[r.get("length", 256), r.get("rank") or 8, f"{r['seconds_per_step']:.2f}", f"{r['tokens_per_s']:.0f}",

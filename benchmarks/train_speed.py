@@ -132,31 +132,54 @@ def run_train(spec: dict) -> dict:
             "final_loss": losses[-1], "losses": losses, "peak_rss_gb": _peak_rss_gb()}
 
 
-@torch.no_grad()
-def run_generate(spec: dict) -> dict:
+GENERATE_VARIANTS = ["base", "lora merged"] + [m for m in OURS if m != "adapter-p (LoRA's size)"]
+
+
+def _live_adapter(base, name: str, tokenizer):
+    """`base` (a copy) with adapter `name`, its zero-initialised parts made non-zero."""
     import adapterkit as ak
 
-    model, tokenizer = ak.load_model()
-    if spec["method"] != "base":
-        method, options = OURS[spec["method"]]
-        adapted = ak.adapt(model, ak.get_method(method).config_class(**options), tokenizer=tokenizer)
-        torch.manual_seed(0)
+    method, options = OURS[name.removesuffix(" merged")]
+    adapted = ak.adapt(base, ak.get_method(method).config_class(**options), tokenizer=tokenizer)
+    torch.manual_seed(0)
+    with torch.no_grad():
         for key, p in adapted.adapter_state_dict().items():
             if key.endswith(("lora_B", "adapter_up.weight")):
-                p.normal_(0, 0.01)  # a live adapter: zero-initialised parts would be skipped by nothing
-        model = adapted.merge_and_unload() if spec.get("merged") else adapted
-    model.eval()
-    prompt = tokenizer(["Question: what is 12 times 7? Answer step by step."] * spec["batch"],
-                       return_tensors="pt")
-    kwargs = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # warm-up
-    times = []
-    for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        model.generate(**prompt, **kwargs)
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"tokens_per_s": spec["batch"] * 64 / median, "seconds": median, "peak_rss_gb": _peak_rss_gb()}
+                p.normal_(0, 0.01)
+    return adapted.merge_and_unload() if name.endswith(" merged") else adapted
+
+
+@torch.no_grad()
+def run_generate(spec: dict) -> dict:
+    """Every variant in one process, timed in interleaved rounds (the order rotates each round), so
+    a change in the machine's load hits all of them alike; ratios are medians of per-round ratios."""
+    import copy
+
+    import adapterkit as ak
+
+    base, tokenizer = ak.load_model()
+    base.eval()
+    names = spec["variants"]
+    models = {n: base if n == "base" else _live_adapter(copy.deepcopy(base), n, tokenizer).eval() for n in names}
+    prompts = {b: tokenizer(["Question: what is 12 times 7? Answer step by step."] * b, return_tensors="pt")
+               for b in spec["batches"]}
+    settings = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    for name, batch in ((n, b) for n in names for b in spec["batches"]):  # warm-up
+        models[name].generate(**prompts[batch], max_new_tokens=4, **settings)
+    times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in names for b in spec["batches"]}
+    for round_ in range(spec["repeats"]):
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        for batch in spec["batches"]:
+            for name in order:
+                start = time.perf_counter()
+                models[name].generate(**prompts[batch], max_new_tokens=64, min_new_tokens=64, **settings)
+                times[name, batch].append(time.perf_counter() - start)
+    rows = []
+    for (name, batch), seconds in times.items():
+        ratios = [b / t for b, t in zip(times["base", batch], seconds, strict=True)]
+        rows.append({"method": name, "batch": batch, "tokens_per_s": batch * 64 / statistics.median(seconds),
+                     "vs_base": statistics.median(ratios), "vs_base_range": [min(ratios), max(ratios)]})
+    return {"rows": rows, "peak_rss_gb": _peak_rss_gb()}
 
 
 def _peak_rss_gb() -> float:
@@ -187,6 +210,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--loss-steps", type=int, default=50)
+    parser.add_argument("--generate-repeats", type=int, default=7)
     parser.add_argument("--write", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update ('' = none)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--only", help="run only configurations whose description contains this text")
@@ -209,11 +233,8 @@ def main() -> None:
                      "warmup": 0, "lr": 3e-4} for lib, prec in (("peft", "fp32"), ("adapterkit", "fp32"),
                                                                ("adapterkit", "bf16"))]
     if "generate" in sections:
-        for batch in (1, 8):
-            configs += [{"section": "generate", "method": "base", "batch": batch, "repeats": 2}]
-            configs += [{"section": "generate", "method": "lora", "merged": True, "batch": batch, "repeats": 2}]
-            configs += [{"section": "generate", "method": m, "batch": batch, "repeats": 2} for m in OURS
-                        if m != "adapter-p (LoRA's size)"]
+        configs += [{"section": "generate", "variants": GENERATE_VARIANTS, "batches": [1, 8],
+                     "repeats": args.generate_repeats}]
     if "scaling" in sections:
         common = {"section": "scaling", "library": "adapterkit", "method": "lora", "precision": "bf16",
                   "steps": 2, "warmup": 1}
@@ -248,7 +269,8 @@ def render(results: list[dict], args) -> str:
     stamp = datetime.date.today().isoformat()
     command = "python benchmarks/train_speed.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in (("sections", args.sections), ("steps", args.steps),
-                                                    ("warmup", args.warmup), ("loss_steps", args.loss_steps)))
+                                                    ("warmup", args.warmup), ("loss_steps", args.loss_steps),
+                                                    ("generate_repeats", args.generate_repeats)))
     return (f"## Training and generation speed against PEFT\n\nCommand: `{command}`  \nDate: {stamp}  \n"
             f"Machine: {machine()}\n\n" + tables(results))
 

@@ -34,3 +34,36 @@ def test_labelled_loss_equals_full_loss(family, method):
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     assert results[0][1].abs().max() > 0
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [5, 300])  # one block and several (blocks of 128 rows)
+def test_low_precision_cross_entropy_matches_fp64(dtype, rows):
+    from adapterkit.training import LowPrecisionCrossEntropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(rows, 1000) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 1000, (rows,))
+    exact = logits.detach().double().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(exact, targets)
+    reference.backward(torch.tensor(2.0, dtype=torch.float64))  # an upstream gradient other than 1
+    loss = LowPrecisionCrossEntropy.apply(logits, targets)
+    (loss * 2.0).backward()
+    assert loss.dtype == torch.float32 and logits.grad.dtype == dtype
+    assert abs(loss.item() - reference.item()) < 1e-5 * reference.item()
+    # the gradient differs from the fp64 one only by its rounding to the logits' dtype (subnormals too)
+    info = torch.finfo(dtype)
+    tolerance = info.eps * exact.grad.abs() + info.eps * info.smallest_normal
+    assert torch.all((logits.grad.double() - exact.grad).abs() <= tolerance)
+    assert exact.grad.abs().max() > 0
+
+
+def test_bf16_labelled_loss_uses_fp32_arithmetic():
+    """The fused loss on a bf16 model equals cross_entropy of the same logits cast to fp32."""
+    torch.manual_seed(0)
+    adapted = ak.adapt(tiny_model("llama").to(torch.bfloat16), ak.LoraConfig(r=4, init="gaussian"))
+    batch = tiny_batch(batch=3)
+    batch["labels"][0, :4] = -100
+    logits = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = causal_lm_loss(logits.float(), batch["labels"])
+    assert torch.allclose(labelled_loss(adapted, batch).float(), expected, atol=1e-5)

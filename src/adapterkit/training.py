@@ -36,7 +36,40 @@ def labelled_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     wanted = targets[targets != -100]
     if wanted.numel() == 0:
         return logits.sum() * 0.0
-    return nn.functional.cross_entropy(logits.float(), wanted)
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        return LowPrecisionCrossEntropy.apply(logits, wanted)
+    return nn.functional.cross_entropy(logits, wanted)
+
+
+_LOSS_BLOCK_ROWS = 128  # 128 x 49k fp32 = 25 MB a block
+
+
+class LowPrecisionCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of bf16/fp16 logits, computed in fp32 a block of rows at a time.
+
+    `cross_entropy(logits.float())` keeps an fp32 copy and an fp32 log-softmax of every row (about
+    0.5 GB for 1,200 labelled tokens over 49k words) and makes several passes over them; this keeps
+    the low-precision logits and one fp32 number a row, and writes the gradient straight into the
+    logits' dtype: about twice as fast, same loss and gradient up to fp32 rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_norm = torch.cat([torch.logsumexp(block.float(), dim=-1) for block in logits.split(_LOSS_BLOCK_ROWS, 0)])
+        ctx.save_for_backward(logits, targets, log_norm)
+        return (log_norm - logits.gather(1, targets[:, None]).squeeze(1).float()).mean()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, targets, log_norm = ctx.saved_tensors
+        scale = grad_output.float() / logits.shape[0]
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], _LOSS_BLOCK_ROWS):
+            rows = slice(start, start + _LOSS_BLOCK_ROWS)
+            probs = torch.sub(logits[rows].float(), log_norm[rows, None]).exp_()  # softmax of the block
+            probs[torch.arange(probs.shape[0]), targets[rows]] -= 1.0
+            grad[rows] = probs.mul_(scale)
+        return grad, None
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:

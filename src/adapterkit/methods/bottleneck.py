@@ -22,7 +22,7 @@ from torch import nn
 from ..architectures import is_linear
 from ..config import AdapterConfig, Method, option, register_method
 from ..errors import AdapterkitError
-from ..sites import Effect, base_module, cast_for_adapter
+from ..sites import Dropout, Effect, base_module, cast_for_adapter
 from ..targets import match_modules
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
@@ -126,7 +126,7 @@ class Bottleneck(Effect):
         self.adapter_down = nn.Linear(features, size)
         self.adapter_up = nn.Linear(size, features)
         self.act = ACTIVATIONS[config.non_linearity]()
-        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.drop = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if config.scaling == "learned":
             self.adapter_scale = nn.Parameter(torch.ones(()))
         else:

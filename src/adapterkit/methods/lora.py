@@ -21,7 +21,7 @@ from torch import nn
 from ..architectures import is_linear
 from ..config import AdapterConfig, Method, option, register_method
 from ..errors import AdapterkitError
-from ..sites import Effect, base_module, cast_for_adapter, logical_modules
+from ..sites import Dropout, Effect, base_module, cast_for_adapter, logical_modules
 from ..targets import match_modules
 
 BIAS_MODES = ("none", "lora_only", "all")
@@ -113,7 +113,7 @@ class LoraEffect(Effect):
         self.lora_B = nn.Parameter(torch.zeros(out_features, r))
         self.lora_bias = nn.Parameter(torch.zeros(out_features)) if train_bias and base.bias is not None else None
         self.scaling = config.scaling_for(r, alpha)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()  # Identity: no copy
+        self.dropout = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()  # Identity: no copy
         if config.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / r)
         else:
