@@ -242,6 +242,8 @@ def main() -> None:
         configs += [{**common, "rank": r} for r in (8, 16, 32, 64)]
     if args.only:
         configs = [c for c in configs if args.only in json.dumps(c)]
+    if not configs:
+        raise SystemExit(f"train_speed.py: no configuration of sections {args.sections!r} matches --only {args.only!r}")
     results = [measure(spec) | {"spec": spec} for spec in tqdm(configs, desc="benchmark", unit="run")]
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     report = render(results, args)

@@ -145,3 +145,12 @@ def test_train_generate_each_non_mergeable_method(tiny_gpt2_dir, data_file, tmp_
 def test_flag_of_another_method_is_refused(tiny_llama_dir, data_file, tmp_path, capsys):
     _fails_cleanly(_train_args(tiny_llama_dir, data_file, tmp_path / "o", "--method", "adapter-h", "--lora-r", "4"),
                    capsys, "--lora-r is not an option of adapter-h")
+
+
+def test_bench_passes_its_flags_to_the_benchmark_script(tmp_path):
+    assert main(["bench", "--help"]) == 0  # the script's own help, from a subprocess
+    report, results = tmp_path / "BENCHMARKS.md", tmp_path / "results.json"
+    report.write_text("kept\n")
+    code = main(["bench", "--sections", "train", "--only", "no configuration has this", "--write", str(report),
+                 "--json", str(results)])
+    assert code != 0 and report.read_text() == "kept\n" and not results.exists()

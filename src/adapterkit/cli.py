@@ -192,6 +192,8 @@ def build_parser() -> Parser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--force", action="store_true", help="load the adapter onto a base model other than its own")
 
+    sub.add_parser("bench", help="speed and memory against PEFT (benchmarks/train_speed.py; --help for its flags)")
+
     p = sub.add_parser("demo", help="the README's main job on the default model")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--output", default="runs/demo")
@@ -322,6 +324,20 @@ def cmd_export(args) -> None:
     print(f"PEFT adapter written to {out}; load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r})")
 
 
+def cmd_bench(bench_args: list[str]) -> int:
+    """Run the benchmark script of the source checkout (it needs PEFT, the reference)."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_speed.py"
+    if not script.is_file():
+        raise AdapterkitError(f"the benchmark is not here ({script}); run it from a clone of the repository")
+    if importlib.util.find_spec("peft") is None:
+        raise AdapterkitError("the benchmark compares with PEFT, which is not installed: pip install peft")
+    return subprocess.call([sys.executable, str(script), *bench_args])
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -330,11 +346,18 @@ def cmd_demo(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its flags are the script's own
+        try:
+            return cmd_bench(argv[1:])
+        except AdapterkitError as exc:
+            print(f"adapterkit: error: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if getattr(args, "config", None):
-            apply_yaml(parser.train_parser, args, sys.argv[1:] if argv is None else argv)
+            apply_yaml(parser.train_parser, args, argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return int(exc.code or 0)
     except AdapterkitError as exc:
@@ -345,14 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        globals()[f"cmd_{args.command}"](args)
+        code = globals()[f"cmd_{args.command}"](args)
     except AdapterkitError as exc:
         print(f"adapterkit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("adapterkit: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 def run() -> None:

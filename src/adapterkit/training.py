@@ -49,24 +49,27 @@ class LowPrecisionCrossEntropy(torch.autograd.Function):
 
     `cross_entropy(logits.float())` keeps an fp32 copy and an fp32 log-softmax of every row (about
     0.5 GB for 1,200 labelled tokens over 49k words) and makes several passes over them; this keeps
-    the low-precision logits and one fp32 number a row, and writes the gradient straight into the
-    logits' dtype: about twice as fast, same loss and gradient up to fp32 rounding.
+    only the low-precision logits, runs torch's fused upcasting (log-)softmax on one block at a time,
+    and writes the gradient straight into the logits' dtype: several times faster, the same loss and
+    gradient up to fp32 rounding.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        log_norm = torch.cat([torch.logsumexp(block.float(), dim=-1) for block in logits.split(_LOSS_BLOCK_ROWS, 0)])
-        ctx.save_for_backward(logits, targets, log_norm)
-        return (log_norm - logits.gather(1, targets[:, None]).squeeze(1).float()).mean()
+        ctx.save_for_backward(logits, targets)
+        picked = [torch.log_softmax(block, dim=-1, dtype=torch.float32).gather(1, wanted[:, None])
+                  for block, wanted in zip(logits.split(_LOSS_BLOCK_ROWS), targets.split(_LOSS_BLOCK_ROWS),
+                                           strict=True)]
+        return -torch.cat(picked).mean()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        logits, targets, log_norm = ctx.saved_tensors
+        logits, targets = ctx.saved_tensors
         scale = grad_output.float() / logits.shape[0]
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], _LOSS_BLOCK_ROWS):
             rows = slice(start, start + _LOSS_BLOCK_ROWS)
-            probs = torch.sub(logits[rows].float(), log_norm[rows, None]).exp_()  # softmax of the block
+            probs = torch.softmax(logits[rows], dim=-1, dtype=torch.float32)
             probs[torch.arange(probs.shape[0]), targets[rows]] -= 1.0
             grad[rows] = probs.mul_(scale)
         return grad, None
