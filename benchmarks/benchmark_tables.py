@@ -24,18 +24,25 @@ def tables(results: list[dict]) -> str:
             ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
             mem = f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x" if ref else "-"
             rows.append([label, f"{r['trainable']:,}", f"{r['seconds_per_step']:.2f}", f"{r['tokens_per_s']:.0f}",
-                         f"{r['peak_rss_gb']:.2f}", ratio, mem])
+                         f"{r['peak_rss_gb']:.2f}", f"{r['final_loss']:.3f}", ratio, mem])
         out.append("### Training, batch 8 x 256 tokens\n\nRatios are against PEFT's fp32 run of the same method "
                    "(tokens/s: higher is better; memory: lower is better). adapterkit's bf16 keeps the frozen base "
-                   "in bf16 under autocast, the adapter and optimizer in fp32, and computes logits only at labelled "
-                   "positions; its fp32 path is exact.\n\n" + _table(
-                       ["configuration", "trainable", "s/step", "tokens/s", "peak RSS GB", "tokens/s vs PEFT fp32",
-                        "memory vs PEFT fp32"], rows))
+                   "in bf16 under autocast and the adapter and optimizer in fp32, computes logits only at labelled "
+                   "positions and their loss in fp32 blocks, and draws dropout masks from 16 random bits an element; "
+                   "its fp32 path is exact (torch's dropout: PEFT's masks for a seed). The loss column is the "
+                   "loss of the last step's batch (the same batches for every run).\n\n" + _table(
+                       ["configuration", "trainable", "s/step", "tokens/s", "peak RSS GB",
+                        f"loss at step {len(train[0]['losses'])}", "tokens/s vs PEFT fp32", "memory vs PEFT fp32"],
+                       rows))
         lora = {(r["library"], r["precision"]): r for r in train if r["method"] == "lora"}
         if ("adapterkit", "bf16") in lora:
             ours = lora[("adapterkit", "bf16")]["tokens_per_s"]
             lines = [f"- adapterkit LoRA bf16 vs PEFT LoRA {p}: {ours / lora[('peft', p)]['tokens_per_s']:.2f}x"
                      for p in ("fp32", "autocast", "peft-bf16-base") if ("peft", p) in lora]
+            same_size = next((r for r in train if r["method"] == "adapter-p (LoRA's size)"), None)
+            if same_size:
+                lines.append(f"- adapter-p with LoRA's parameter count vs LoRA, both bf16: "
+                             f"{same_size['tokens_per_s'] / ours:.2f}x")
             out.append("LoRA (r 8 on q, v, dropout 0.05):\n\n" + "\n".join(lines) + "\n")
     loss = [r for r in results if r["spec"]["section"] == "loss"]
     if loss:
