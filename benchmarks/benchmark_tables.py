@@ -67,3 +67,54 @@ def tables(results: list[dict]) -> str:
         out.append("### LoRA (bf16) step time by sequence length and rank, batch 8\n\n" + _table(
             ["sequence length", "rank", "s/step", "tokens/s", "peak RSS GB"], rows))
     return "\n".join(out)
+
+
+def figure(results: list[dict], path) -> None:
+    """One PNG: training tokens/s per configuration, generation speed against the base model, and
+    LoRA step time by sequence length and rank (the panels whose sections were run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in results if r["spec"]["section"] == "train"]
+    gen = [row for r in results if r["spec"]["section"] == "generate" for row in r["rows"]]
+    scaling = [r for r in results if r["spec"]["section"] == "scaling"]
+    panels = [p for p, rows in (("train", train), ("generate", gen), ("scaling", scaling)) if rows]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "train":
+            labels = [f"{r['library']} {r['method']} ({r['precision']})" for r in train]
+            colors = ["tab:gray" if r["library"] == "peft" else "tab:blue" for r in train]
+            ax.barh(labels[::-1], [r["tokens_per_s"] for r in train][::-1], color=colors[::-1])
+            ax.set_xlabel("training tokens/s (grey: PEFT, blue: adapterkit)")
+        elif panel == "generate":
+            for offset, batch in ((-0.2, 1), (0.2, 8)):
+                rows = [r for r in gen if r["batch"] == batch]
+                ax.barh([i + offset for i in range(len(rows))], [r["vs_base"] for r in rows], height=0.4,
+                        label=f"batch {batch}")
+            names = [r["method"] for r in gen if r["batch"] == 1]
+            ax.set_yticks(range(len(names)), names)
+            ax.invert_yaxis()
+            ax.axvline(1.0, color="black", linewidth=0.8)
+            ax.set_xlim(0.8, 1.1)
+            ax.set_xlabel("generation tokens/s vs the base model")
+            ax.legend()
+        else:
+            by_length = [(r.get("length", 256) / 256, r["seconds_per_step"]) for r in scaling if "rank" not in r]
+            by_rank = [(r["rank"] / 8, r["seconds_per_step"]) for r in scaling if "rank" in r]
+            for points, label, marker in ((by_length, "sequence length 256, 512, 1024 (rank 8)", "o-"),
+                                          (by_rank, "rank 8, 16, 32, 64 (length 256)", "s-")):
+                ax.plot([x for x, _ in points], [t / points[0][1] for _, t in points], marker, label=label)
+            ax.plot([1, 8], [1, 8], ":", color="gray", label="proportional")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_xlabel("size relative to the smallest")
+            ax.set_ylabel("LoRA bf16 step time relative to the smallest")
+            ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

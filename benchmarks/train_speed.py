@@ -254,6 +254,12 @@ def main() -> None:
     report = render(results, args)
     print(report)
     if args.write:
+        from benchmark_tables import figure
+
+        picture = Path(args.write).parent / "benchmarks" / "train_speed.png"
+        picture.parent.mkdir(exist_ok=True)
+        figure(results, picture)
+        report += f"\n![training tokens/s, generation vs base, LoRA scaling]({picture.relative_to(Path(args.write).parent)})\n"
         write_section(Path(args.write), report)
 
 

@@ -167,9 +167,10 @@ def load_weights(adapted, record, tensors: dict[str, torch.Tensor], name: str) -
     """Copy saved weights into adapter `name`; saved exports (a prompt's final embeddings) must follow
     from them."""
     tensors = dict(tensors)
-    exported = {k: tensors.pop(k) for k in list(exported_tensors(record)) if k in tensors}
+    export_keys = list(exported_tensors(record))  # computed from the fresh adapter: its keys only
+    exported = {k: tensors.pop(k) for k in export_keys if k in tensors}
     adapted.load_adapter_state_dict(tensors, name)
-    for key, expected in exported_tensors(record).items():
+    for key, expected in exported_tensors(record).items():  # now from the loaded weights
         if key not in exported:
             raise AdapterkitError(f"the adapter file lacks {key}; it was not saved by this adapterkit")
         drift = (exported[key] - expected).abs().max().item()
