@@ -166,3 +166,37 @@ def test_lstm_encoder_trains():
                                                            encoder_hidden_size=8))
     losses = train_steps(adapted, _cycle(batch), 20, lr=3e-2)
     assert losses[-1] < losses[0] - 0.02
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_p_tuning_v2_text_init_equals_reading_the_text_first(family):
+    """Prefixes initialised from the model's own keys/values of a text: the adapted model then gives
+    exactly the base model's logits for that text followed by the input (plain concatenation)."""
+    tokenizer = tiny_tokenizer()
+    text = "Hi!"  # 3 characters, repeated to K = 4 tokens: "Hi!H"
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    text_ids = torch.tensor((text_ids * K)[:K])
+    batch = tiny_batch(seed=5, batch=2, length=6)
+    base = tiny_model(family)
+    with torch.no_grad():
+        joined = torch.cat([text_ids.expand(2, -1), batch["input_ids"]], dim=1)
+        expected = base(input_ids=joined).logits[:, K:]
+        plain = base(input_ids=batch["input_ids"]).logits
+    adapted = ak.adapt(base, PTuningV2Config(num_virtual_tokens=K, prefix_init="text", init_text=text),
+                       tokenizer=tokenizer)
+    with torch.no_grad():
+        got = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (expected - plain).abs().max() > 1e-3, "the text barely changes the logits"
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_prefix_init_options_and_errors():
+    assert PTuningV2Config(num_virtual_tokens=K).prefix_init == "vocab"
+    torch.manual_seed(0)
+    random = ak.adapt(tiny_model("llama"), PTuningV2Config(num_virtual_tokens=K, prefix_init="random"))
+    assert abs(random.prompts["default"].final().std().item() - 1.0) < 0.1
+    for bad in (dict(prefix_init="words"), dict(prefix_init="text"), dict(init_text="x"),
+                dict(prefix_projection=True)):
+        with pytest.raises(ak.AdapterkitError):
+            PTuningV2Config(num_virtual_tokens=K, **bad)
+    PrefixTuningConfig(num_virtual_tokens=K)  # prefix-tuning keeps PEFT's start (projection, random)

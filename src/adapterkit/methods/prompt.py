@@ -46,7 +46,8 @@ class PromptTuningConfig(PromptConfig):
     method: ClassVar[str] = "prompt-tuning"
     prompt_init: str = option("random", "random, vocab (embeddings of random vocabulary tokens) or text",
                               flag="--prompt-init")
-    init_text: str | None = option(None, "with prompt_init=text: this text, tokenised, repeated or cut to k")
+    init_text: str | None = option(None, "with prompt_init/prefix_init=text: this text, tokenised, repeated or "
+                                   "cut to k")
 
     def validate(self) -> None:
         super().validate()
@@ -80,6 +81,21 @@ class PrefixTuningConfig(PromptConfig):
     encoder_hidden_size: int | None = option(512, "hidden size of the projection MLP")
     layers: list[int] | None = option(None, "prefixes in these layers only (the others get a fixed zero "
                                       "prefix: k null keys/values that take a little attention)")
+    prefix_init: str = option("random", "prefixes trained directly start as: random (PEFT's N(0, 1)), vocab "
+                              "(the model's own keys/values of k random vocabulary tokens) or text",
+                              flag="--prefix-init")
+    init_text: str | None = option(None, "with prompt_init/prefix_init=text: this text, tokenised, repeated or "
+                                   "cut to k")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.prefix_init not in ("random", "vocab", "text"):
+            raise AdapterkitError(f"prefix_init must be random, vocab or text, got {self.prefix_init!r}")
+        if self.prefix_projection and self.prefix_init != "random":
+            raise AdapterkitError("prefix_init applies to prefixes trained directly; with prefix_projection "
+                                  "(the MLP makes the prefixes) use prefix_init=random")
+        if (self.prefix_init == "text") != bool(self.init_text):
+            raise AdapterkitError("prefix_init=text needs init_text, and init_text needs prefix_init=text")
 
 
 @dataclass
@@ -88,6 +104,11 @@ class PTuningV2Config(PrefixTuningConfig):
 
     method: ClassVar[str] = "p-tuning-v2"
     prefix_projection: bool = option(False, "produce the prefixes with an MLP (reparameterisation)")
+    # N(0, 1) prefixes took the default model's loss from 1.3 to 5.4 before any training: start from
+    # keys/values the model itself makes (Li & Liang 2021 found real-word activations a better start).
+    prefix_init: str = option("vocab", "prefixes trained directly start as: random (PEFT's N(0, 1)), vocab "
+                              "(the model's own keys/values of k random vocabulary tokens) or text",
+                              flag="--prefix-init")
 
 
 class PromptPart(nn.Module):
@@ -172,22 +193,41 @@ class Prefix(PromptPart):
 
 
 # ----- attaching -------------------------------------------------------------------------------
+def _init_token_ids(adapted, init: str, text: str | None, k: int) -> torch.Tensor:
+    """k token ids for a vocab or text init: random vocabulary tokens, or the text repeated or cut."""
+    if init == "vocab":
+        return torch.randint(0, adapted.base_model.get_input_embeddings().num_embeddings, (k,))
+    if adapted.tokenizer is None:
+        raise AdapterkitError("a text init needs the tokenizer: adapt(model, config, tokenizer=...)")
+    tokens = adapted.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not tokens:
+        raise AdapterkitError("init_text tokenises to nothing; give a non-empty text")
+    return torch.tensor((tokens * (k // len(tokens) + 1))[:k])
+
+
 def _init_embeddings(adapted, config: PromptTuningConfig, dim: int) -> torch.Tensor:
-    embeddings = adapted.base_model.get_input_embeddings()
-    k = config.num_virtual_tokens
     if config.prompt_init == "random":
-        return torch.randn(k, dim) * 0.02
-    if config.prompt_init == "vocab":
-        ids = torch.randint(0, embeddings.num_embeddings, (k,))
-    else:
-        if adapted.tokenizer is None:
-            raise AdapterkitError("prompt_init=text needs the tokenizer: adapt(model, config, tokenizer=...)")
-        tokens = adapted.tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
-        if not tokens:
-            raise AdapterkitError("init_text tokenises to nothing; give a non-empty text")
-        ids = torch.tensor((tokens * (k // len(tokens) + 1))[:k])
+        return torch.randn(config.num_virtual_tokens, dim) * 0.02
+    ids = _init_token_ids(adapted, config.prompt_init, config.init_text, config.num_virtual_tokens)
+    embeddings = adapted.base_model.get_input_embeddings()
     with torch.no_grad():  # through the module, so scaled embeddings (Gemma) come out as the model sees them
         return embeddings(ids.to(embeddings.weight.device)).float().cpu()
+
+
+def _init_prefixes(adapted, config: PrefixTuningConfig, part: Prefix) -> None:
+    """Set the prefixes to the keys/values the base model itself caches for k tokens: the adapted
+    model then starts as the base model reading those tokens first."""
+    ids = _init_token_ids(adapted, config.prefix_init, config.init_text, part.k)
+    base = adapted.base_model
+    training = base.training
+    base.eval()
+    with torch.no_grad(), adapted.disabled():
+        cache = base(input_ids=ids[None].to(base.device), use_cache=True).cache
+    base.train(training)
+    per_layer = torch.stack([torch.stack([cache.layers[i].keys[0], cache.layers[i].values[0]])
+                             for i in part.layers])  # [layers, 2, kv_heads, k, head_dim]
+    with torch.no_grad():
+        part.embedding.weight.copy_(per_layer.permute(3, 0, 1, 2, 4).reshape(part.k, -1).float())
 
 
 def attach_prompt(adapted, config: PromptConfig) -> dict[str, nn.Module]:
@@ -200,6 +240,8 @@ def attach_prompt(adapted, config: PromptConfig) -> dict[str, nn.Module]:
     else:
         layout = adapted.layout
         part = Prefix(k, layout.shape, config, layout.layer_indices(config.layers))
+        if config.prefix_init != "random":
+            _init_prefixes(adapted, config, part)
     return {PROMPT_KEY: part}
 
 
