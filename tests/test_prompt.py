@@ -191,12 +191,13 @@ def test_p_tuning_v2_text_init_equals_reading_the_text_first(family):
 
 
 def test_prefix_init_options_and_errors():
-    assert PTuningV2Config(num_virtual_tokens=K).prefix_init == "vocab"
+    assert PTuningV2Config(num_virtual_tokens=K).initial_prefixes() == "vocab"
+    assert PTuningV2Config(num_virtual_tokens=K, prefix_projection=True).initial_prefixes() == "random"
+    assert PrefixTuningConfig(num_virtual_tokens=K).initial_prefixes() == "random"  # PEFT's start: the MLP's
     torch.manual_seed(0)
     random = ak.adapt(tiny_model("llama"), PTuningV2Config(num_virtual_tokens=K, prefix_init="random"))
     assert abs(random.prompts["default"].final().std().item() - 1.0) < 0.1
     for bad in (dict(prefix_init="words"), dict(prefix_init="text"), dict(init_text="x"),
-                dict(prefix_projection=True)):
+                dict(prefix_projection=True, prefix_init="vocab")):
         with pytest.raises(ak.AdapterkitError):
             PTuningV2Config(num_virtual_tokens=K, **bad)
-    PrefixTuningConfig(num_virtual_tokens=K)  # prefix-tuning keeps PEFT's start (projection, random)

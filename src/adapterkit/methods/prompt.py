@@ -81,21 +81,28 @@ class PrefixTuningConfig(PromptConfig):
     encoder_hidden_size: int | None = option(512, "hidden size of the projection MLP")
     layers: list[int] | None = option(None, "prefixes in these layers only (the others get a fixed zero "
                                       "prefix: k null keys/values that take a little attention)")
-    prefix_init: str = option("random", "prefixes trained directly start as: random (PEFT's N(0, 1)), vocab "
-                              "(the model's own keys/values of k random vocabulary tokens) or text",
-                              flag="--prefix-init")
+    # N(0, 1) prefixes (PEFT's start) took the default model's loss from 1.3 to 5.4 before any training:
+    # prefixes trained directly start from keys/values the model itself makes (Li & Liang 2021 found
+    # real-word activations a better start than random ones).
+    prefix_init: str | None = option(None, "prefixes trained directly start as: vocab (the default: the "
+                                     "model's own keys/values of k random vocabulary tokens), text, or random "
+                                     "(PEFT's N(0, 1))", flag="--prefix-init")
     init_text: str | None = option(None, "with prompt_init/prefix_init=text: this text, tokenised, repeated or "
                                    "cut to k")
 
     def validate(self) -> None:
         super().validate()
-        if self.prefix_init not in ("random", "vocab", "text"):
-            raise AdapterkitError(f"prefix_init must be random, vocab or text, got {self.prefix_init!r}")
-        if self.prefix_projection and self.prefix_init != "random":
+        if self.prefix_init not in (None, "random", "vocab", "text"):
+            raise AdapterkitError(f"prefix_init must be vocab, text or random, got {self.prefix_init!r}")
+        if self.prefix_projection and self.prefix_init not in (None, "random"):
             raise AdapterkitError("prefix_init applies to prefixes trained directly; with prefix_projection "
-                                  "(the MLP makes the prefixes) use prefix_init=random")
+                                  "the MLP makes the prefixes: drop prefix_init or the projection")
         if (self.prefix_init == "text") != bool(self.init_text):
             raise AdapterkitError("prefix_init=text needs init_text, and init_text needs prefix_init=text")
+
+    def initial_prefixes(self) -> str:
+        """How the prefixes start: the projection MLP's own init, or prefix_init (default vocab)."""
+        return "random" if self.prefix_projection else (self.prefix_init or "vocab")
 
 
 @dataclass
@@ -104,11 +111,6 @@ class PTuningV2Config(PrefixTuningConfig):
 
     method: ClassVar[str] = "p-tuning-v2"
     prefix_projection: bool = option(False, "produce the prefixes with an MLP (reparameterisation)")
-    # N(0, 1) prefixes took the default model's loss from 1.3 to 5.4 before any training: start from
-    # keys/values the model itself makes (Li & Liang 2021 found real-word activations a better start).
-    prefix_init: str = option("vocab", "prefixes trained directly start as: random (PEFT's N(0, 1)), vocab "
-                              "(the model's own keys/values of k random vocabulary tokens) or text",
-                              flag="--prefix-init")
 
 
 class PromptPart(nn.Module):
@@ -217,7 +219,7 @@ def _init_embeddings(adapted, config: PromptTuningConfig, dim: int) -> torch.Ten
 def _init_prefixes(adapted, config: PrefixTuningConfig, part: Prefix) -> None:
     """Set the prefixes to the keys/values the base model itself caches for k tokens: the adapted
     model then starts as the base model reading those tokens first."""
-    ids = _init_token_ids(adapted, config.prefix_init, config.init_text, part.k)
+    ids = _init_token_ids(adapted, config.initial_prefixes(), config.init_text, part.k)
     base = adapted.base_model
     training = base.training
     base.eval()
@@ -240,7 +242,7 @@ def attach_prompt(adapted, config: PromptConfig) -> dict[str, nn.Module]:
     else:
         layout = adapted.layout
         part = Prefix(k, layout.shape, config, layout.layer_indices(config.layers))
-        if config.prefix_init != "random":
+        if config.initial_prefixes() != "random":
             _init_prefixes(adapted, config, part)
     return {PROMPT_KEY: part}
 
