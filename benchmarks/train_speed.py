@@ -208,8 +208,14 @@ def train_configs(steps: int, warmup: int) -> list[dict]:
     return configs
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(prog="adapterkit bench", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--sections", default="train,loss,generate,scaling")
     parser.add_argument("--steps", type=int, default=5)
@@ -248,7 +254,7 @@ def main() -> None:
     if args.only:
         configs = [c for c in configs if args.only in json.dumps(c)]
     if not configs:
-        raise SystemExit(f"train_speed.py: no configuration of sections {args.sections!r} matches --only {args.only!r}")
+        parser.error(f"no configuration of sections {args.sections!r} matches --only {args.only!r}")
     results = [measure(spec) | {"spec": spec} for spec in tqdm(configs, desc="benchmark", unit="run")]
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     report = render(results, args)
