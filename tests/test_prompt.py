@@ -201,3 +201,19 @@ def test_prefix_init_options_and_errors():
                 dict(prefix_projection=True, prefix_init="vocab")):
         with pytest.raises(ak.AdapterkitError):
             PTuningV2Config(num_virtual_tokens=K, **bad)
+
+
+@pytest.mark.parametrize("config", [
+    PromptTuningConfig(num_virtual_tokens=K, prompt_init="text", init_text="Hi!"),
+    PTuningV2Config(num_virtual_tokens=K, prefix_init="text", init_text="Hi!")], ids=lambda c: c.method)
+def test_text_initialised_adapter_loads_without_a_tokenizer(config, tmp_path):
+    """The starting values are replaced by the saved weights, so loading needs no tokenizer."""
+    batch = tiny_batch(seed=6, batch=2, length=6)
+    adapted = ak.adapt(tiny_model("llama"), config, tokenizer=tiny_tokenizer())
+    train_steps(adapted, _cycle(batch), 2, lr=1e-2)
+    adapted.eval()
+    adapted.save(tmp_path)
+    reloaded = ak.load(tiny_model("llama"), tmp_path)  # no tokenizer given
+    assert reloaded.records["default"].config == config  # the record keeps how the adapter started
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, adapted(**batch).logits)

@@ -24,6 +24,11 @@ class AdapterConfig:
     def validate(self) -> None:
         """Raise AdapterkitError naming the bad field and the accepted values."""
 
+    def for_loaded_weights(self) -> AdapterConfig:
+        """The same adapter with starting values that cost nothing (no tokenizer, no forward pass):
+        what to attach when saved weights replace the starting values at once."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

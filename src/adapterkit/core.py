@@ -54,14 +54,15 @@ class AdaptedModel(nn.Module):
 
     # ----- building -------------------------------------------------------------------------
     def add_adapter(self, config: AdapterConfig, name: str = "default", trainable: bool = True,
-                    activate: bool | None = None) -> AdapterRecord:
-        """Attach a new named adapter. The first one added becomes active."""
+                    activate: bool | None = None, weights_follow: bool = False) -> AdapterRecord:
+        """Attach a new named adapter. The first one added becomes active. `weights_follow`: saved
+        weights are loaded next, so skip starting values that need a tokenizer or a forward pass."""
         if not name or not isinstance(name, str) or "." in name:
             raise AdapterkitError(f"adapter name {name!r} is invalid: use a non-empty name without dots")
         if name in self.records:
             raise AdapterkitError(f"an adapter named {name!r} exists already; delete() it or pick another name")
         method = get_method(config.method)
-        parts = method.attach(self, config)
+        parts = method.attach(self, config.for_loaded_weights() if weights_follow else config)
         if not parts:
             raise AdapterkitError(f"{config.method}: the config selects no module of this model")
         device = next(self.base_model.parameters()).device

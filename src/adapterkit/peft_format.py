@@ -187,7 +187,7 @@ def _prompt_from_peft(meta: dict, tensors: dict[str, torch.Tensor], shape):
 
 
 def _attach(adapted, config: AdapterConfig, weights: dict, name: str, trainable: bool) -> None:
-    adapted.add_adapter(config, name, trainable=trainable)
+    adapted.add_adapter(config, name, trainable=trainable, weights_follow=True)
     try:
         adapted.load_adapter_state_dict(weights, name)
     except AdapterkitError:

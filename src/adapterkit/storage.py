@@ -196,7 +196,7 @@ def load_adapter(model, directory: str | Path, name: str = "default", trainable:
     if missing:
         raise AdapterkitError(f"the adapter was attached to {missing[0]}, which this model lacks "
                               f"({len(missing)} module(s) missing); it belongs to another base model")
-    record = adapted.add_adapter(config, name, trainable=trainable)
+    record = adapted.add_adapter(config, name, trainable=trainable, weights_follow=True)
     try:
         load_weights(adapted, record, tensors, name)
         record.trained_steps = int(meta.get("trained_steps", 0))

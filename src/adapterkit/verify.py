@@ -66,7 +66,7 @@ def verify(directory: str | Path, model_name: str | None = None, report: Callabl
         return f"{len(state['meta'].get('modules', []))} modules present"
 
     def attach():
-        record = state["adapted"].add_adapter(state["config"], "verify", trainable=False)
+        record = state["adapted"].add_adapter(state["config"], "verify", trainable=False, weights_follow=True)
         load_weights(state["adapted"], record, state["tensors"], "verify")
         return "weights fit the modules"
 

@@ -13,6 +13,7 @@ key/value heads and head size. Logits and hidden states come back with exactly t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,6 +56,9 @@ class PromptTuningConfig(PromptConfig):
             raise AdapterkitError(f"prompt_init must be random, vocab or text, got {self.prompt_init!r}")
         if (self.prompt_init == "text") != bool(self.init_text):
             raise AdapterkitError("prompt_init=text needs init_text, and init_text needs prompt_init=text")
+
+    def for_loaded_weights(self) -> PromptTuningConfig:
+        return dataclasses.replace(self, prompt_init="random", init_text=None)
 
 
 @dataclass
@@ -99,6 +103,9 @@ class PrefixTuningConfig(PromptConfig):
                                   "the MLP makes the prefixes: drop prefix_init or the projection")
         if (self.prefix_init == "text") != bool(self.init_text):
             raise AdapterkitError("prefix_init=text needs init_text, and init_text needs prefix_init=text")
+
+    def for_loaded_weights(self) -> PrefixTuningConfig:
+        return dataclasses.replace(self, prefix_init="random" if not self.prefix_projection else None, init_text=None)
 
     def initial_prefixes(self) -> str:
         """How the prefixes start: the projection MLP's own init, or prefix_init (default vocab)."""
