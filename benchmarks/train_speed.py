@@ -208,14 +208,10 @@ def train_configs(steps: int, warmup: int) -> list[dict]:
     return configs
 
 
-class OneLineErrors(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
 def main() -> None:
-    parser = OneLineErrors(prog="adapterkit bench", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    from adapterkit.cli import Parser  # one-line usage errors, as every adapterkit command
+
+    parser = Parser(prog="adapterkit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--sections", default="train,loss,generate,scaling")
     parser.add_argument("--steps", type=int, default=5)
