@@ -9,7 +9,7 @@ from tiny_models import tiny_batch, tiny_model
 
 import adapterkit as ak
 from adapterkit.cli import main
-from adapterkit.recipes import merge
+from adapterkit.recipes.merge import MergeSettings, merge
 
 
 def _trained_lora(family="llama", seed=0):
@@ -90,9 +90,9 @@ def test_merge_reports_and_refuses_drift(tiny_llama_dir, tmp_path):
     _trained_lora().save(tmp_path / "adapter")  # tiny_llama_dir holds the same seed-0 weights
     out = tmp_path / "merged"
     with pytest.raises(ak.AdapterkitError, match="merged logits differ from unmerged.*nothing written"):
-        merge(str(tiny_llama_dir), str(tmp_path / "adapter"), str(out), tolerance=0.0)
+        merge(MergeSettings(str(tmp_path / "adapter"), str(out), str(tiny_llama_dir), tolerance=0.0))
     assert not out.exists()
-    drift = merge(str(tiny_llama_dir), str(tmp_path / "adapter"), str(out))
+    drift = merge(MergeSettings(str(tmp_path / "adapter"), str(out), str(tiny_llama_dir)))
     assert 0 < drift < 1e-4  # reported: exactly what merging changed
     assert json.loads((out / "merge_report.json").read_text())["max_logit_change"] == drift
 

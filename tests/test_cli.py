@@ -83,7 +83,7 @@ def test_bad_input_one_line_each(tiny_llama_dir, data_file, tmp_path, capsys):
     _fails_cleanly(_train_args(tiny_llama_dir, bad, out), capsys, "record 2 lacks")
     bad.write_text("[]")
     _fails_cleanly(_train_args(tiny_llama_dir, bad, out), capsys, "empty")
-    _fails_cleanly(_train_args(tiny_llama_dir, data_file, out, "--template", "fancy"), capsys, "unknown template")
+    _fails_cleanly(_train_args(tiny_llama_dir, data_file, out, "--template", "fancy"), capsys, "--template must be one of alpaca, bare, chat")
     _fails_cleanly(_train_args(tiny_llama_dir, data_file, out, "--micro-batch-size", "8"), capsys, "not a multiple")
     _fails_cleanly(["train", "--data", str(data_file)], capsys, "--output")
     assert not out.exists()  # nothing was written by any of them

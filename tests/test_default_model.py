@@ -1,7 +1,6 @@
 """The default model (SmolLM2-135M-Instruct from the packaged GGUF), offline, for real."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +9,10 @@ from transformers import AutoModelForCausalLM
 import adapterkit as ak
 from adapterkit.cli import main
 from adapterkit.data import Template, collate, encode, read_records
+from adapterkit.resources import LLM_ADAPTERS
 from adapterkit.training import causal_lm_loss, train_steps
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "llm-adapters" / "ft-training_set" / "math_data.json"
+DATA = LLM_ADAPTERS / "ft-training_set" / "math_data.json"
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,25 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
 from adapterkit import AdapterkitError, adapt, get_method
-from adapterkit.evaluation import (
+from adapterkit.recipes.evaluate import EvalSettings, evaluate, format_table, training_file
+from adapterkit.recipes.evaluate import run_eval as _run_eval
+from adapterkit.tasks import (
     LETTERS,
     TASKS,
     contamination,
-    evaluate,
     extract_answer,
-    format_table,
     infer_labels,
     is_correct,
     load_task_records,
     normalise_question,
     resolve_task,
-    run_eval,
-    training_file,
 )
+
+
+def run_eval(model, adapter=None, **kw):
+    if "dtype" in kw:
+        kw["precision"] = kw.pop("dtype")
+    return _run_eval(EvalSettings(model, adapter, **kw))
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -143,9 +147,9 @@ def test_bad_input_one_clear_line_each(tmp_path):
     _one_line_error(lambda: load_task_records(bad, "math"), "record 1 has answer 'B', not a number")
     missing_model = str(tmp_path / "no-model")  # each check below must fire before the model loads
     _one_line_error(lambda: run_eval(missing_model, task="gsm9k"), "unknown task 'gsm9k'")
-    _one_line_error(lambda: run_eval(missing_model, task="gsm8k", batch_size=0), "--batch-size must be at least 1")
-    _one_line_error(lambda: run_eval(missing_model, task="gsm8k", limit=0), "--limit must be at least 1")
-    _one_line_error(lambda: run_eval(missing_model, task="gsm8k", template="vicuna"), "unknown template 'vicuna'")
+    _one_line_error(lambda: run_eval(missing_model, task="gsm8k", batch_size=0), "--batch-size must be at least 1, got 0")
+    _one_line_error(lambda: run_eval(missing_model, task="gsm8k", limit=0), "--limit must be at least 1, got 0")
+    _one_line_error(lambda: run_eval(missing_model, task="gsm8k", template="vicuna"), "--template must be one of alpaca, bare, chat, got 'vicuna'")
     _one_line_error(lambda: run_eval(missing_model, task="boolq"), "no-model: no such model folder")
 
 

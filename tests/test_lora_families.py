@@ -5,8 +5,7 @@ import torch
 from tiny_models import FAMILIES, tiny_batch, tiny_model
 
 import adapterkit as ak
-from adapterkit.architectures import ModelLayout, is_linear
-from adapterkit.methods.lora import linear_shape
+from adapterkit.architectures import ModelLayout, is_linear, linear_shape
 from adapterkit.training import causal_lm_loss, train_steps
 
 

@@ -9,7 +9,6 @@ PEFT's prompt-tuning/P-Tuning logits start with the k virtual positions; only th
 """
 
 import dataclasses
-import inspect
 import json
 import os
 import subprocess
@@ -22,8 +21,10 @@ from safetensors.torch import load_file, save_file
 from tiny_models import tiny_batch, tiny_model
 
 import adapterkit as ak
-from adapterkit import cli, peft_format, storage
+from adapterkit import cli
+from adapterkit.io import peft as peft_format
 from adapterkit.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config
+from adapterkit.recipes.export import ExportSettings, export
 from adapterkit.sites import AdapterSite
 
 K, ENC, R, ALPHA = 4, 16, 4, 8
@@ -72,8 +73,6 @@ CASES = {
                       _peft_prompt(peft.PrefixTuningConfig, prefix_projection=False)),
     "p-tuning-v2": (lambda f: PTuningV2Config(num_virtual_tokens=K), None),
 }
-WIRED_LOAD = "peft" in inspect.getsource(storage.load_adapter)
-WIRED_CLI = hasattr(cli, "cmd_export")
 
 
 def _logits(model, batch):
@@ -137,7 +136,7 @@ def test_peft_saved_adapter_loads(tmp_path, family, case):
     batch = tiny_batch(seed=2)
     peft_model = _peft_saved(family, case, tmp_path / "peft")
     assert peft_format.is_peft_folder(tmp_path / "peft")
-    adapted = peft_format.load_peft(tiny_model(family, seed=0), tmp_path / "peft")
+    adapted = ak.load(tiny_model(family, seed=0), tmp_path / "peft")
     expected = _logits(peft_model, batch)
     _assert_same(_logits(adapted, batch), expected, _logits(tiny_model(family, seed=0), batch))
     assert not any(p.requires_grad for p in adapted.parameters())  # loaded for inference, as load() does
@@ -151,7 +150,7 @@ def test_peft_saved_adapter_loads(tmp_path, family, case):
 def test_imported_adapter_saves_and_reloads_in_our_format(tmp_path, case):
     batch = tiny_batch(seed=3)
     _peft_saved("llama", case, tmp_path / "peft")
-    adapted = peft_format.load_peft(tiny_model("llama"), tmp_path / "peft")
+    adapted = ak.load(tiny_model("llama"), tmp_path / "peft")
     expected = _logits(adapted, batch)
     adapted.save(tmp_path / "ours")
     again = ak.load(tiny_model("llama"), tmp_path / "ours")
@@ -167,7 +166,7 @@ def test_export_folder_loads_in_peft_without_adapterkit(tmp_path, tiny_llama_dir
     model, tokenizer = ak.load_model(str(tiny_llama_dir))
     adapted = _randomised(ak.adapt(model, CASES["lora"][0]("llama"), tokenizer=tokenizer))
     adapted.save(tmp_path / "ours")
-    out = peft_format.export_folder(tmp_path / "ours", tmp_path / "peft")
+    out = export(ExportSettings(str(tmp_path / "ours"), str(tmp_path / "peft")))
     batch = tiny_batch(seed=4)
     save_file({"input_ids": batch["input_ids"], "expected": _logits(adapted, batch)}, str(tmp_path / "io.st"))
     script = (
@@ -191,7 +190,7 @@ def test_export_refuses_an_existing_output_and_a_peft_folder(tmp_path):
         peft_format.export_peft(adapted, tmp_path / "peft")
     peft_format.export_peft(adapted, tmp_path / "peft", overwrite=True)
     with pytest.raises(ak.AdapterkitError, match="PEFT adapter folder already"):
-        peft_format.export_folder(tmp_path / "peft", tmp_path / "again")
+        export(ExportSettings(str(tmp_path / "peft"), str(tmp_path / "again")))
 
 
 @pytest.mark.parametrize("config, match", [
@@ -212,7 +211,7 @@ def test_bin_only_peft_folder_is_refused(tmp_path):
     _peft_saved("llama", "lora", tmp_path / "peft")
     os.replace(tmp_path / "peft" / "adapter_model.safetensors", tmp_path / "peft" / "adapter_model.bin")
     with pytest.raises(ak.AdapterkitError, match="adapter_model.bin, a pickle file"):
-        peft_format.load_peft(tiny_model("llama"), tmp_path / "peft")
+        ak.load(tiny_model("llama"), tmp_path / "peft")
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -229,7 +228,7 @@ def test_peft_options_we_lack_are_refused(tmp_path, edit, match):
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
     model = tiny_model("llama")
     with pytest.raises(ak.AdapterkitError, match=match):
-        peft_format.load_peft(model, tmp_path / "peft")
+        ak.load(model, tmp_path / "peft")
     assert not any(isinstance(m, AdapterSite) for m in model.modules())  # nothing left attached
 
 
@@ -240,7 +239,7 @@ def test_peft_lora_keys_without_the_peftmodel_prefix_load(tmp_path):
     weights = tmp_path / "peft" / "adapter_model.safetensors"
     tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights))
-    adapted = peft_format.load_peft(tiny_model("llama"), tmp_path / "peft")
+    adapted = ak.load(tiny_model("llama"), tmp_path / "peft")
     assert (_logits(adapted, batch) - _logits(peft_model, batch)).abs().max().item() <= 1e-5
 
 
@@ -251,7 +250,7 @@ def test_peft_lora_key_we_lack_is_refused(tmp_path):
     tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(R, 128)
     save_file(tensors, str(weights))
     with pytest.raises(ak.AdapterkitError, match="LoRA on an embedding layer"):
-        peft_format.load_peft(tiny_model("llama"), tmp_path / "peft")
+        ak.load(tiny_model("llama"), tmp_path / "peft")
 
 
 @pytest.mark.parametrize("case, match", [("prefix-direct", "load it onto its own base model"),
@@ -260,11 +259,10 @@ def test_peft_adapter_for_another_model_is_refused(tmp_path, case, match):
     _peft_saved("llama", case, tmp_path / "peft")
     model = tiny_model("gpt2")
     with pytest.raises(ak.AdapterkitError, match=match):
-        peft_format.load_peft(model, tmp_path / "peft")
+        ak.load(model, tmp_path / "peft")
     assert not any(isinstance(m, AdapterSite) for m in model.modules())
 
 
-@pytest.mark.skipif(not WIRED_LOAD, reason="needs the PEFT check in storage.load_adapter (issue 7 snippet)")
 def test_adapterkit_load_reads_a_peft_folder(tmp_path):
     batch = tiny_batch(seed=5)
     peft_model = _peft_saved("gpt2", "lora", tmp_path / "peft")
@@ -275,7 +273,6 @@ def test_adapterkit_load_reads_a_peft_folder(tmp_path):
         ak.load(tiny_model("gpt2"), tmp_path / "peft")
 
 
-@pytest.mark.skipif(not WIRED_CLI, reason="needs the export subcommand in cli.py (issue 7 snippet)")
 def test_cli_export(tmp_path, tiny_llama_dir, capsys):
     model, tokenizer = ak.load_model(str(tiny_llama_dir))
     adapted = ak.adapt(model, CASES["prefix-projection"][0]("llama"), tokenizer=tokenizer)

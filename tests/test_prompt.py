@@ -128,9 +128,9 @@ def test_prompt_init_from_text_and_vocabulary():
                        tokenizer=tokenizer)
     ids = tokenizer("ababa", add_special_tokens=False)["input_ids"]  # repeated to length k
     expected = model.get_input_embeddings().weight[ids]
-    assert torch.equal(adapted.prompts["default"].final(), expected)
+    assert torch.equal(adapted.input_hooks["default"].final(), expected)
     vocab = ak.adapt(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=3, prompt_init="vocab"))
-    rows = vocab.prompts["default"].final()
+    rows = vocab.input_hooks["default"].final()
     table = vocab.base_model.get_input_embeddings().weight
     assert all((table == row).all(-1).any() for row in rows)
     with pytest.raises(ak.AdapterkitError, match="needs the tokenizer"):
@@ -145,7 +145,7 @@ def test_parameter_counts_and_layer_subset():
     assert deep.trainable_parameters()[0] == K * shape.layers * 2 * shape.kv_heads * shape.head_dim
     subset = ak.adapt(tiny_model("llama"), PTuningV2Config(num_virtual_tokens=K, layers=[1]))
     assert subset.trainable_parameters()[0] == K * 2 * shape.kv_heads * shape.head_dim
-    prefixes = subset.prompts["default"].final()
+    prefixes = subset.input_hooks["default"].final()
     assert prefixes.shape == (2, 2, shape.kv_heads, K, shape.head_dim)
     assert torch.equal(prefixes[0], torch.zeros_like(prefixes[0])) and prefixes[1].abs().sum() > 0
 
@@ -196,7 +196,7 @@ def test_prefix_init_options_and_errors():
     assert PrefixTuningConfig(num_virtual_tokens=K).initial_prefixes() == "random"  # PEFT's start: the MLP's
     torch.manual_seed(0)
     random = ak.adapt(tiny_model("llama"), PTuningV2Config(num_virtual_tokens=K, prefix_init="random"))
-    assert abs(random.prompts["default"].final().std().item() - 1.0) < 0.1
+    assert abs(random.input_hooks["default"].final().std().item() - 1.0) < 0.1
     for bad in (dict(prefix_init="words"), dict(prefix_init="text"), dict(init_text="x"),
                 dict(prefix_projection=True, prefix_init="vocab")):
         with pytest.raises(ak.AdapterkitError):

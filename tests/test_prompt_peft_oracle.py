@@ -100,4 +100,4 @@ def test_llama_prefix_is_sized_by_key_value_heads():
     peft_model, adapted = _build_pair("llama", "prefix-direct")
     assert peft_model.peft_config["default"].token_dim == 16
     assert adapted.adapter_state_dict()["prompt.embedding.weight"].shape == (K, 64)
-    assert adapted.prompts["default"].final().shape == (2, 2, 2, K, 8)
+    assert adapted.input_hooks["default"].final().shape == (2, 2, 2, K, 8)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import adapterkit.checkpoint as checkpoint
-import adapterkit.training as training
+import adapterkit.io.checkpoint as checkpoint
+import adapterkit.training.loop as training
 from adapterkit.cli import main
 
 RECORDS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"The answer is {a + b}."}

@@ -19,9 +19,11 @@ from .errors import AdapterkitError
 class Architecture:
     """Module names of one decoder family. Paths inside a layer are relative to that layer.
 
-    qkv_layout describes fused projections: "concat" (all q, then all k, then all v),
-    "per_head" (q, k, v interleaved per head: GPT-NeoX, BLOOM) or "falcon" (q heads, then the
-    k and v of each group). kv_heads: a config attribute name or a function of the config.
+    layers: the list of decoder layers; embeddings: the input embeddings; attention: the attention
+    module of a layer; q/k/v separate projections, or qkv one fused projection; attn_out and
+    mlp_out: the sub-layers' output projections; mlp_in: the projections reading the MLP's input.
+    heads/hidden: config attribute names (the first one present counts); kv_heads: a config
+    attribute name or a function of the config; positions: attributes that bound the length.
     """
 
     layers: str
@@ -34,24 +36,25 @@ class Architecture:
     k: str | None = None
     v: str | None = None
     qkv: str | None = None
-    qkv_layout: str = "separate"
-    mlp: str | None = None
     heads: tuple[str, ...] = ("num_attention_heads",)
     kv_heads: str | Callable | None = None
     hidden: tuple[str, ...] = ("hidden_size",)
     positions: tuple[str, ...] = ()  # config attributes that bound the sequence length (learned positions)
-    notes: str = ""
 
-    def query_sites(self) -> list[str]:
+    def query_roles(self) -> tuple[str, ...]:
         """The projections a default LoRA targets: query and value, or the fused projection."""
-        return [self.qkv] if self.qkv else [self.q, self.v]
+        return ("qkv",) if self.qkv else ("q", "v")
+
+    def layer_roles(self) -> tuple[str, ...]:
+        """Every role that names a module inside a layer (for validation)."""
+        return ("attention", "attn_out", "mlp_out") + (("qkv",) if self.qkv else ("q", "k", "v"))
 
 
 def _llama_like(**kw) -> Architecture:
     base = dict(
         layers="model.layers", embeddings="model.embed_tokens", attention="self_attn",
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", attn_out="self_attn.o_proj",
-        mlp="mlp", mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
+        mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
         kv_heads="num_key_value_heads",
     )
     base.update(kw)
@@ -72,45 +75,37 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phi": _llama_like(attn_out="self_attn.dense", mlp_in=("mlp.fc1",), mlp_out="mlp.fc2"),
     "gpt2": Architecture(
         layers="transformer.h", embeddings="transformer.wte", attention="attn",
-        qkv="attn.c_attn", qkv_layout="concat", attn_out="attn.c_proj",
-        mlp="mlp", mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj",
+        qkv="attn.c_attn", attn_out="attn.c_proj", mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj",
         heads=("n_head",), hidden=("n_embd",), positions=("n_positions",),
-        notes="Conv1D layers: weights stored transposed",
     ),
     "gptj": Architecture(
         layers="transformer.h", embeddings="transformer.wte", attention="attn",
-        q="attn.q_proj", k="attn.k_proj", v="attn.v_proj", attn_out="attn.out_proj",
-        mlp="mlp", mlp_in=("mlp.fc_in",), mlp_out="mlp.fc_out",
-        heads=("n_head",), hidden=("n_embd",), notes="attention and MLP run in parallel from one norm",
+        q="attn.q_proj", k="attn.k_proj", v="attn.v_proj", attn_out="attn.out_proj", mlp_in=("mlp.fc_in",), mlp_out="mlp.fc_out",
+        heads=("n_head",), hidden=("n_embd",),
     ),
     "gpt_neo": Architecture(
         layers="transformer.h", embeddings="transformer.wte", attention="attn.attention",
         q="attn.attention.q_proj", k="attn.attention.k_proj", v="attn.attention.v_proj",
-        attn_out="attn.attention.out_proj", mlp="mlp", mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj",
+        attn_out="attn.attention.out_proj", mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj",
         heads=("num_heads",), positions=("max_position_embeddings",),
     ),
     "gpt_neox": Architecture(
         layers="gpt_neox.layers", embeddings="gpt_neox.embed_in", attention="attention",
-        qkv="attention.query_key_value", qkv_layout="per_head", attn_out="attention.dense",
-        mlp="mlp", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
+        qkv="attention.query_key_value", attn_out="attention.dense", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
     ),
     "opt": Architecture(
         layers="model.decoder.layers", embeddings="model.decoder.embed_tokens", attention="self_attn",
-        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", attn_out="self_attn.out_proj",
-        mlp=None, mlp_in=("fc1",), mlp_out="fc2", positions=("max_position_embeddings",),
-        notes="no MLP module: fc1/fc2 sit directly in the layer",
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", attn_out="self_attn.out_proj", mlp_in=("fc1",), mlp_out="fc2", positions=("max_position_embeddings",),
     ),
     "bloom": Architecture(
         layers="transformer.h", embeddings="transformer.word_embeddings", attention="self_attention",
-        qkv="self_attention.query_key_value", qkv_layout="per_head", attn_out="self_attention.dense",
-        mlp="mlp", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
-        heads=("n_head",), notes="ALiBi positions",
+        qkv="self_attention.query_key_value", attn_out="self_attention.dense", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
+        heads=("n_head",),
     ),
     "falcon": Architecture(
         layers="transformer.h", embeddings="transformer.word_embeddings", attention="self_attention",
-        qkv="self_attention.query_key_value", qkv_layout="falcon", attn_out="self_attention.dense",
-        mlp="mlp", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
-        kv_heads=_falcon_kv_heads, notes="multi-query attention in the small models",
+        qkv="self_attention.query_key_value", attn_out="self_attention.dense", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
+        kv_heads=_falcon_kv_heads,
     ),
 }
 
@@ -119,15 +114,20 @@ def register_architecture(model_type: str, architecture: Architecture, replace: 
     """Describe a new model family by module names (see `Architecture`)."""
     if model_type in ARCHITECTURES and not replace:
         raise AdapterkitError(f"architecture {model_type!r} is already registered; pass replace=True to change it")
+    if not isinstance(architecture, Architecture):
+        raise AdapterkitError(f"register_architecture takes an Architecture, got {type(architecture).__name__}")
+    if not isinstance(architecture.mlp_in, tuple) or not architecture.mlp_in:
+        raise AdapterkitError("architecture field 'mlp_in' must be a non-empty tuple of module paths")
     ARCHITECTURES[model_type] = architecture
 
 
-def _first_attr(config, names: tuple[str, ...]) -> int:
+def _first_attr(config, names: tuple[str, ...], field: str) -> int:
     for name in names:
         value = getattr(config, name, None)
         if value is not None:
             return value
-    raise AdapterkitError(f"model config has none of {names}; describe the model with register_architecture()")
+    raise AdapterkitError(f"architecture field {field!r}: the model config has none of {names}; fix the entry "
+                          "with register_architecture(..., replace=True)")
 
 
 @dataclass(frozen=True)
@@ -143,20 +143,41 @@ class ModelShape:
 
 
 class ModelLayout:
-    """The architecture table applied to one model instance: module lookups by role."""
+    """The architecture table applied to one model instance: module lookups by role, checked once."""
 
     def __init__(self, model: nn.Module, architecture: Architecture | None = None):
         self.model = model
         self.arch = architecture or architecture_of(model)
-        self.layer_list = _get(model, self.arch.layers)
+        self.layer_list = _get(model, self.arch.layers, "layers")
         config = model.config
-        heads = _first_attr(config, self.arch.heads)
-        hidden = _first_attr(config, self.arch.hidden)
+        heads = _first_attr(config, self.arch.heads, "heads")
+        hidden = _first_attr(config, self.arch.hidden, "hidden")
         kv = self.arch.kv_heads
         kv_heads = kv(config) if callable(kv) else (getattr(config, kv, None) if kv else None) or heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         max_pos = next((getattr(config, n) for n in self.arch.positions if getattr(config, n, None)), None)
         self.shape = ModelShape(len(self.layer_list), hidden, heads, kv_heads, head_dim, max_pos)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Every path of the entry exists in every layer and the head counts fit: one error naming the field."""
+        arch, shape = self.arch, self.shape
+        _get(self.model, arch.embeddings, "embeddings")
+        if shape.layers == 0:
+            raise AdapterkitError(f"architecture field 'layers' ({arch.layers}) is an empty list of layers")
+        if not (arch.qkv or (arch.q and arch.k and arch.v)):
+            raise AdapterkitError("architecture entry needs q, k and v, or one fused qkv projection")
+        for i in range(shape.layers):
+            for role in arch.layer_roles():
+                _get(self.model, self.site(i, role), role)
+            for path in arch.mlp_in:
+                _get(self.model, f"{self.layer_path(i)}.{path}", "mlp_in")
+        if shape.heads <= 0 or shape.kv_heads <= 0 or shape.heads % shape.kv_heads:
+            raise AdapterkitError(f"architecture field 'kv_heads': {shape.kv_heads} key/value heads do not divide "
+                                  f"{shape.heads} attention heads")
+        if not getattr(self.model.config, "head_dim", None) and shape.hidden % shape.heads:
+            raise AdapterkitError(f"architecture field 'heads': {shape.heads} heads do not divide the hidden size "
+                                  f"{shape.hidden} (and the config gives no head_dim)")
 
     def layer_path(self, index: int) -> str:
         return f"{self.arch.layers}.{index}"
@@ -167,6 +188,9 @@ class ModelLayout:
         if relative is None:
             raise AdapterkitError(f"this model has no {role!r} module in its architecture entry")
         return f"{self.layer_path(index)}.{relative}"
+
+    def query_sites(self, index: int) -> list[str]:
+        return [self.site(index, role) for role in self.arch.query_roles()]
 
     def input_site(self, index: int, sublayer: str) -> str:
         """The first module reading a sub-layer's normalised input: sublayer "attn_in" or "mlp_in"."""
@@ -182,13 +206,19 @@ class ModelLayout:
             raise AdapterkitError(f"layers {bad} out of range: the model has {count} layers (0..{count - 1})")
         return sorted({i % count for i in layers})
 
+    def identity(self) -> dict:
+        """Family and sizes, as saved adapters record their base model."""
+        return {"model_type": getattr(self.model.config, "model_type", None), "hidden_size": self.shape.hidden,
+                "num_layers": self.shape.layers}
 
-def _get(model: nn.Module, path: str) -> nn.Module:
+
+def _get(model: nn.Module, path: str, field: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError as exc:
         raise AdapterkitError(
-            f"module {path!r} not found in {type(model).__name__}; the architecture entry does not fit this model"
+            f"architecture field {field!r}: module {path!r} not found in {type(model).__name__}; the architecture "
+            "entry does not fit this model (fix it with register_architecture(..., replace=True))"
         ) from exc
 
 
@@ -211,3 +241,12 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, weight_is_transposed) of nn.Linear or GPT-2's Conv1D, whose
+    weight is stored as (in, out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    rows, cols = module.weight.shape
+    return rows, cols, True

@@ -16,10 +16,20 @@ import torch
 from torch import nn
 
 from .architectures import Architecture, ModelLayout
-from .config import AdapterConfig, get_method
+from .config import AdapterConfig
 from .errors import AdapterkitError
-from .methods.prompt import PROMPT_KEY, prompt_generate, prompt_inputs, strip_virtual
-from .sites import AdapterSite, AdapterState, Effect, base_module, logical_modules, replace_module, site_at
+from .methods import get_method
+from .sites import (
+    AdapterSite,
+    AdapterState,
+    Effect,
+    InputHook,
+    base_module,
+    logical_modules,
+    replace_module,
+    site_at,
+    strip_positions,
+)
 
 
 @dataclass
@@ -47,7 +57,7 @@ class AdaptedModel(nn.Module):
         self.state = AdapterState()
         self.records: dict[str, AdapterRecord] = {}
         self.tokenizer = None  # optional, set by adapt(); records its vocabulary with saved adapters
-        self.prompts = nn.ModuleDict()  # prompt-family parts, by adapter name: they act on the inputs
+        self.input_hooks = nn.ModuleDict()  # parts acting on the inputs (InputHook), by adapter name
         self.generation_info: dict = {}  # template and end tokens, saved with adapters for eval/generate
         model.requires_grad_(False)
         self.train(model.training)  # a model loaded for inference stays in eval mode
@@ -68,8 +78,8 @@ class AdaptedModel(nn.Module):
         device = next(self.base_model.parameters()).device
         for path, part in parts.items():
             part.to(device)
-            if path == PROMPT_KEY:
-                self.prompts[name] = part
+            if isinstance(part, InputHook):
+                self.input_hooks[name] = part
             elif isinstance(part, Effect):
                 site_at(self.base_model, path, self.state).effects[name] = part
         record = AdapterRecord(name, config, parts)
@@ -85,9 +95,9 @@ class AdaptedModel(nn.Module):
         record = self._record(name)
         if record.merged:
             raise AdapterkitError(f"adapter {name!r} is merged: unmerge() it before deleting")
-        for path in record.parts:
-            if path == PROMPT_KEY:
-                del self.prompts[name]
+        for path, part in record.parts.items():
+            if isinstance(part, InputHook):
+                del self.input_hooks[name]
                 continue
             site = self.base_model.get_submodule(path)
             del site.effects[name]
@@ -147,33 +157,34 @@ class AdaptedModel(nn.Module):
         if self.training and self.is_gradient_checkpointing:
             kwargs.setdefault("use_cache", False)  # a growing cache would be appended to twice by recomputation
         with self._rows(adapter_names, _batch_size((), kwargs)):
-            prompt = self._running_prompt()
-            if prompt is None:
+            hook = self._running_input_hook()
+            if hook is None:
                 return self.base_model(**kwargs)
-            kwargs, virtual = prompt_inputs(self, prompt, kwargs)
-            return strip_virtual(self.base_model(**kwargs), virtual)
+            kwargs, added = hook.prepare(self, kwargs)
+            return strip_positions(self.base_model(**kwargs), added)
 
     def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
         """`transformers` generate with the KV cache; `adapter_names` as in forward."""
         if args:
             kwargs["input_ids"] = args[0]
         with self._rows(adapter_names, _batch_size((), kwargs)):
-            prompt = self._running_prompt()
-            if prompt is None:
+            hook = self._running_input_hook()
+            if hook is None:
                 return self.base_model.generate(**kwargs)
-            return prompt_generate(self, prompt, kwargs)
+            return hook.generate(self, kwargs)
 
-    def _running_prompt(self):
-        """The prompt-family part that runs now, if any (at most one)."""
-        names = self.state.names_running(self.prompts.keys())
+    def _running_input_hook(self) -> InputHook | None:
+        """The part acting on the inputs that runs now, if any (at most one)."""
+        names = self.state.names_running(self.input_hooks.keys())
         if not names:
             return None
         if self.state.row_adapters is not None:
-            raise AdapterkitError("mixed batches cannot include prompt-method adapters (their inputs differ in "
-                                  "length); run those rows as their own batch")
+            raise AdapterkitError(f"mixed batches cannot include adapter {names[0]!r}: it changes the inputs "
+                                  "(their lengths differ); run its rows as their own batch")
         if len(names) > 1:
-            raise AdapterkitError(f"prompt adapters {names} are active together; activate one of them")
-        return self.prompts[names[0]]
+            raise AdapterkitError(f"adapters {names} both change the inputs and are active together; "
+                                  "activate one of them")
+        return self.input_hooks[names[0]]
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each decoder layer in backward. adapterkit's own (non-reentrant) checkpointing
@@ -248,19 +259,23 @@ class AdaptedModel(nn.Module):
 
     def add_weighted_adapter(self, names: list[str], weights: list[float], new_name: str,
                              combination: str = "cat") -> None:
-        """A new LoRA adapter combining LoRA adapters: "cat" (exact weighted sum of updates) or "linear"."""
-        from .methods.lora import combine_lora
-
-        combine_lora(self, names, weights, new_name, combination)
+        """A new adapter combining adapters of one method (LoRA: "cat", the exact weighted sum of the
+        updates, or "linear")."""
+        if not names:
+            raise AdapterkitError("add_weighted_adapter needs at least one adapter name")
+        methods = {self._record(n).config.method for n in names}
+        if len(methods) > 1:
+            raise AdapterkitError(f"adapters of different methods ({', '.join(sorted(methods))}) cannot be combined")
+        get_method(methods.pop()).combine(self, names, weights, new_name, combination)
 
     def optimizer_groups(self, lr: float) -> list[dict]:
         """Trainable parameters grouped by learning rate (a method may scale some, as LoRA+ does B)."""
         groups: dict[float, list] = {}
         for record in self.records.values():
-            ratio = getattr(record.config, "lr_ratio", lambda key: 1.0)
+            method = get_method(record.config.method)
             for key, p in self._parameters_of(record).items():
                 if p.requires_grad:
-                    groups.setdefault(lr * ratio(key), []).append(p)
+                    groups.setdefault(lr * method.lr_ratio(record.config, key), []).append(p)
         return [{"params": params, "lr": group_lr} for group_lr, params in groups.items()]
 
     def trainable_parameters(self) -> tuple[int, int, float]:
@@ -291,7 +306,7 @@ class AdaptedModel(nn.Module):
         if not_mergeable:
             raise AdapterkitError(
                 f"{record.config.method} adapter {name!r} cannot be merged into the base weights "
-                f"(e.g. at {not_mergeable[0]}); use it unmerged, or train LoRA for a mergeable adapter")
+                f"(e.g. at {not_mergeable[0]}); use it unmerged, or train a mergeable method (see `adapterkit methods`)")
         tied = self._tied_parameters()
         for path, part in record.parts.items():
             if part.replaces_base and any(id(p) in tied for p in base_module(self.base_model, path).parameters()):
@@ -342,10 +357,11 @@ class AdaptedModel(nn.Module):
 
     # ----- files ----------------------------------------------------------------------------
     def save(self, directory: str | Path, name: str | None = None) -> Path:
-        """Write adapter_config.json + adapter_model.safetensors (adapter weights only), atomically."""
-        from .storage import save_adapter
+        """Write adapter_config.json + adapter_model.safetensors (adapter weights only), atomically.
+        A thin call into adapterkit.io, which core never imports at load time."""
+        from .io import save
 
-        return save_adapter(self, Path(directory), name or self._single_name())
+        return save(self, directory, name or self._single_name())
 
 
 def _batch_size(args, kwargs) -> int | None:

@@ -35,6 +35,38 @@ class Effect(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
 
+INPUTS = "prompt"    # the key of an adapter's InputHook among its parts (as saved files since 0.1 name it)
+EXPORTED = "final"   # tensors a part saves beside its weights are keyed PART_PATH.EXPORTED
+
+
+class InputHook(nn.Module):
+    """An adapter part that acts on the model's inputs instead of at a module (the prompt family):
+    it rewrites forward's arguments and may drive generate() itself. At most one runs at a time."""
+
+    def prepare(self, adapted, kwargs: dict) -> tuple[dict, int]:
+        """forward's arguments with the hook applied, and how many leading output positions to cut off."""
+        raise NotImplementedError
+
+    def generate(self, adapted, kwargs: dict):
+        """`generate` with the hook applied once (not at every decoding step)."""
+        raise NotImplementedError
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors saved beside the weights (keyed EXPORTED), so a reader needs no encoder."""
+        return {}
+
+
+def strip_positions(output, k: int):
+    """Cut k leading positions off logits and hidden states, so outputs match the input's length."""
+    if k == 0:
+        return output
+    if getattr(output, "logits", None) is not None:
+        output.logits = output.logits[:, k:]
+    if getattr(output, "hidden_states", None) is not None:
+        output.hidden_states = tuple(h[:, k:] for h in output.hidden_states)
+    return output
+
+
 def cast_for_adapter(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Adapter weights stay fp32 over a bf16 base: cast activations up unless autocast handles it."""
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):

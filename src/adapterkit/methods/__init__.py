@@ -1,3 +1,4 @@
-"""Built-in methods; importing this package registers them."""
+"""The methods, one module each; importing this package registers the built-in ones."""
 
-from . import bottleneck, lora, prompt  # noqa: F401
+from . import bottleneck, lora, prompt  # noqa: E402, F401, I001  (after the registry they register into)
+from .registry import METHODS, Method, get_method, register_method  # noqa: F401

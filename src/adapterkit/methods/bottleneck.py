@@ -19,15 +19,18 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..architectures import is_linear
-from ..config import AdapterConfig, Method, option, register_method
+from ..architectures import is_linear, linear_shape
+from ..config import AdapterConfig
 from ..errors import AdapterkitError
+from ..settings import option
 from ..sites import Dropout, Effect, base_module, cast_for_adapter
 from ..targets import match_modules
+from .registry import Method, register_method
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
 INITS = ("identity", "normal")
 PRESETS = ("llm-adapters",)
+SERIES_SITES = ("attn_out", "mlp_out")  # roles of the architecture table a series adapter can follow
 
 
 @dataclass
@@ -90,14 +93,33 @@ class BottleneckConfig(AdapterConfig):
 
 
 @dataclass
-class AdapterHConfig(BottleneckConfig):
-    """Houlsby: series adapters after the attention output and after the MLP output."""
+class SeriesConfig(BottleneckConfig):
+    """Series adapters on sub-layer outputs; the presets differ only in their field values."""
 
-    method: ClassVar[str] = "adapter-h"
+    # With preset llm-adapters on a gated MLP: "input" puts the adapters before the MLP's input
+    # projections (LLM-Adapters' AdapterH runs), "output" after its output projection.
+    llm_adapters_position: ClassVar[str] = "output"
+    sites: list[str] = option(["mlp_out"], "series adapters after these sub-layer outputs: attn_out, mlp_out",
+                              flag="--adapter-sites")
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.sites, list) or not self.sites or any(s not in SERIES_SITES for s in self.sites):
+            raise AdapterkitError(f"sites must be a non-empty list of {', '.join(SERIES_SITES)}, got {self.sites!r}")
 
 
 @dataclass
-class AdapterPConfig(BottleneckConfig):
+class AdapterHConfig(SeriesConfig):
+    """Houlsby: series adapters after the attention output and after the MLP output."""
+
+    method: ClassVar[str] = "adapter-h"
+    llm_adapters_position: ClassVar[str] = "input"
+    sites: list[str] = option(["attn_out", "mlp_out"], "series adapters after these sub-layer outputs: "
+                              "attn_out, mlp_out", flag="--adapter-sites")
+
+
+@dataclass
+class AdapterPConfig(SeriesConfig):
     """Pfeiffer: one series adapter after the MLP output."""
 
     method: ClassVar[str] = "adapter-p"
@@ -206,10 +228,7 @@ class InputCapture(Effect):
 
 
 def features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a linear layer, nn.Linear or Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return tuple(module.weight.shape)
+    return linear_shape(module)[:2]
 
 
 def llm_adapters_placement(arch, config: BottleneckConfig) -> tuple[list[str], str]:
@@ -220,7 +239,7 @@ def llm_adapters_placement(arch, config: BottleneckConfig) -> tuple[list[str], s
     Families it never ran follow the rule of their MLP shape."""
     if not config.series:
         return [arch.mlp_in[-1], arch.mlp_out], "output"
-    if config.method == "adapter-h" and len(arch.mlp_in) > 1:
+    if config.llm_adapters_position == "input" and len(arch.mlp_in) > 1:
         return list(arch.mlp_in), "input"
     return [arch.mlp_out], "output"
 
@@ -247,9 +266,8 @@ def attach_bottleneck(adapted, config: BottleneckConfig) -> dict[str, nn.Module]
                     InputAdapter(n_in, config, hidden)
         return parts
     if config.series:  # the papers' placements
-        roles = ["attn_out", "mlp_out"] if config.method == "adapter-h" else ["mlp_out"]
         for i in layers:
-            for role in roles:
+            for role in config.sites:
                 path = layout.site(i, role)
                 parts[path] = SeriesAdapter(features(base_module(model, path))[1], config, hidden)
         return parts
@@ -265,9 +283,15 @@ def attach_bottleneck(adapted, config: BottleneckConfig) -> dict[str, nn.Module]
     return parts
 
 
+class BottleneckMethod(Method):
+    family = "adapter"
+
+    def attach(self, adapted, config: BottleneckConfig) -> dict[str, nn.Module]:
+        return attach_bottleneck(adapted, config)
+
+
 for _config, _summary in (
         (AdapterHConfig, "Houlsby: series bottleneck after attention and after the MLP"),
         (AdapterPConfig, "Pfeiffer: one series bottleneck after the MLP"),
         (ParallelConfig, "He et al.: bottleneck beside the MLP (or attention), fed with its input")):
-    register_method(Method(_config.method, _config, attach_bottleneck, family="adapter", summary=_summary,
-                           mergeable=False))
+    register_method(BottleneckMethod(_config, _summary))

@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architectures import is_linear
-from ..config import AdapterConfig, Method, option, register_method
+from ..architectures import is_linear, linear_shape
+from ..config import AdapterConfig
 from ..errors import AdapterkitError
+from ..settings import option
 from ..sites import Dropout, Effect, base_module, cast_for_adapter, logical_modules
 from ..targets import match_modules
+from .registry import Method, register_method
 
 BIAS_MODES = ("none", "lora_only", "all")
 INITS = ("default", "gaussian")
@@ -90,14 +92,6 @@ class LoraConfig(AdapterConfig):
     def lr_ratio(self, key: str) -> float:
         """Learning-rate multiplier of one adapter weight (LoRA+ speeds up B)."""
         return self.loraplus_lr_ratio if self.loraplus_lr_ratio and key.endswith("lora_B") else 1.0
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
-    """(in_features, out_features, weight_is_transposed) of nn.Linear or GPT-2's Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False
-    rows, cols = module.weight.shape  # Conv1D keeps weight as (in, out)
-    return rows, cols, True
 
 
 class LoraEffect(Effect):
@@ -253,8 +247,7 @@ def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
     layer_paths = [layout.layer_path(i) for i in layout.layer_indices(config.layers)]
     model = adapted.base_model
     if config.target_modules is None:
-        paths = [layout.site(i, role) for i in layout.layer_indices(config.layers)
-                 for role in ("qkv", "q", "v") if getattr(layout.arch, role)]
+        paths = [path for i in layout.layer_indices(config.layers) for path in layout.query_sites(i)]
     else:
         head = getattr(model, "get_output_embeddings", lambda: None)()
         head_paths = tuple(p for p, m in logical_modules(model) if m is head)
@@ -277,8 +270,7 @@ def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
     return parts
 
 
-def combine_lora(adapted, names: list[str], weights: list[float], new_name: str,
-                 combination: str = "cat") -> None:
+def combine_lora(adapted, names: list[str], weights: list[float], new_name: str, combination: str) -> None:
     """A new LoRA adapter from a weighted combination of LoRA adapters on the same modules.
 
     cat: ranks are concatenated and the update is exactly sum_i w_i s_i B_i A_i (any ranks);
@@ -318,6 +310,21 @@ def combine_lora(adapted, names: list[str], weights: list[float], new_name: str,
                 target.lora_B.copy_(sum(math.sqrt(w * p.scaling) * p.lora_B for w, p in parts))
 
 
-register_method(Method("lora", LoraConfig, attach_lora, family="low-rank",
-                       summary="low-rank update B A on linear layers (rsLoRA, DoRA, per-module ranks, LoRA+)",
-                       mergeable=True))
+class Lora(Method):
+    name = "lora"
+    config_class = LoraConfig
+    family = "low-rank"
+    summary = "low-rank update B A on linear layers (rsLoRA, DoRA, per-module ranks, LoRA+)"
+    mergeable = True
+
+    def attach(self, adapted, config: LoraConfig) -> dict[str, nn.Module]:
+        return attach_lora(adapted, config)
+
+    def lr_ratio(self, config: LoraConfig, key: str) -> float:
+        return config.lr_ratio(key)
+
+    def combine(self, adapted, names, weights, new_name, combination) -> None:
+        combine_lora(adapted, names, weights, new_name, combination)
+
+
+register_method(Lora())

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..config import AdapterConfig, Method, option, register_method
+from ..config import AdapterConfig
 from ..errors import AdapterkitError
-
-PROMPT_KEY = "prompt"
+from ..settings import option
+from ..sites import EXPORTED, INPUTS, InputHook
+from .registry import Method, register_method
 
 
 @dataclass
@@ -120,7 +121,7 @@ class PTuningV2Config(PrefixTuningConfig):
     prefix_projection: bool = option(False, "produce the prefixes with an MLP (reparameterisation)")
 
 
-class PromptPart(nn.Module):
+class PromptPart(InputHook):
     """Base of the prompt modules; `kind` says whether they add embeddings or cache prefixes."""
 
     kind = "embeddings"
@@ -135,7 +136,13 @@ class PromptPart(nn.Module):
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         """Saved beside the trainable weights, so inference needs no encoder (and load can check it)."""
-        return {"final": self.final().detach()}
+        return {EXPORTED: self.final().detach()}
+
+    def prepare(self, adapted, kwargs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        return prompt_inputs(adapted, self, kwargs)
+
+    def generate(self, adapted, kwargs: dict[str, Any]):
+        return prompt_generate(adapted, self, kwargs)
 
 
 class VirtualTokens(PromptPart):
@@ -251,7 +258,7 @@ def attach_prompt(adapted, config: PromptConfig) -> dict[str, nn.Module]:
         part = Prefix(k, layout.shape, config, layout.layer_indices(config.layers))
         if config.initial_prefixes() != "random":
             _init_prefixes(adapted, config, part)
-    return {PROMPT_KEY: part}
+    return {INPUTS: part}
 
 
 # ----- running ---------------------------------------------------------------------------------
@@ -334,17 +341,6 @@ def prompt_inputs(adapted, part: PromptPart, kwargs: dict[str, Any]) -> tuple[di
     return kwargs, k
 
 
-def strip_virtual(output, k: int):
-    """Cut the virtual positions off logits and hidden states: outputs match the input's length."""
-    if k == 0:
-        return output
-    if getattr(output, "logits", None) is not None:
-        output.logits = output.logits[:, k:]
-    if getattr(output, "hidden_states", None) is not None:
-        output.hidden_states = tuple(h[:, k:] for h in output.hidden_states)
-    return output
-
-
 def prompt_generate(adapted, part: PromptPart, kwargs: dict[str, Any]):
     """generate() with the prompt injected once: embeddings at prefill, or a pre-filled cache."""
     ids = kwargs.pop("input_ids", None)
@@ -358,10 +354,16 @@ def prompt_generate(adapted, part: PromptPart, kwargs: dict[str, Any]):
     return torch.cat([ids, out], dim=1)
 
 
+class PromptMethod(Method):
+    family = "prompt"
+
+    def attach(self, adapted, config: PromptConfig) -> dict[str, nn.Module]:
+        return attach_prompt(adapted, config)
+
+
 for _config, _summary in (
         (PromptTuningConfig, "trainable virtual-token embeddings before the input"),
         (PTuningConfig, "virtual tokens from a prompt encoder (MLP or LSTM)"),
         (PrefixTuningConfig, "per-layer key/value prefixes through a reparameterisation MLP"),
         (PTuningV2Config, "deep prompts: per-layer prefixes trained directly")):
-    register_method(Method(_config.method, _config, attach_prompt, family="prompt", summary=_summary,
-                           mergeable=False))
+    register_method(PromptMethod(_config, _summary))

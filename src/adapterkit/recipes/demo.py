@@ -4,16 +4,20 @@ math training file, evaluate again, and print both accuracies and one generation
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdapterkitError
-from .evaluation import contamination, format_table, run_eval
-from .models import DEFAULT_MODEL
-from .recipes import generate, load_for_inference
-from .storage import write_files
+from ..errors import AdapterkitError
+from ..io.files import write_files
+from ..models import DEFAULT_MODEL
+from ..resources import LLM_ADAPTERS as DATA
+from ..settings import check_fields, option
+from ..tasks import contamination
+from .common import load_for_inference
+from .evaluate import EvalSettings, format_table, run_eval
+from .generate import generate
 from .train import TrainSettings, train
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "llm-adapters"
 TRAIN_FILE = DATA / "ft-training_set" / "math_data.json"
 SLICE_TASKS = ("AddSub", "MultiArith", "SingleEq", "gsm8k")
 
@@ -35,16 +39,27 @@ def clean_math_slice(size: int) -> list[dict]:
     return chosen
 
 
-def run_demo(steps: int, output: str, items: int = 100) -> None:
+@dataclass
+class DemoSettings:
+    steps: int = option(60, "LoRA training steps", minimum=1)
+    output: str = option("runs/demo", "folder for the slice, the adapter and both evaluations")
+    items: int = option(100, "math problems evaluated before and after", minimum=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def run_demo(settings: DemoSettings) -> None:
+    steps, items = settings.steps, settings.items
     if not TRAIN_FILE.is_file():
-        raise AdapterkitError(f"demo data not found under {DATA}; run the demo from a clone of the repository")
-    out = Path(output)
+        raise AdapterkitError(f"demo data not found under {DATA}; reinstall adapterkit (its package data is missing)")
+    out = Path(settings.output)
     items_file = out / "clean_math_slice.json"
     write_files(out, {items_file.name: json.dumps(clean_math_slice(items), indent=1)}, {})
     common = dict(data=str(items_file), task_type="math", train_data=str(TRAIN_FILE), batch_size=16,
-                  max_new_tokens=160, dtype="bf16")
+                  max_new_tokens=160, precision="bf16")
     print(f"1/3 evaluating the base model on {items} math problems that are not in the training data")
-    before = run_eval(DEFAULT_MODEL, None, output=str(out / "eval-base"), **common)
+    before = run_eval(EvalSettings(DEFAULT_MODEL, None, output=str(out / "eval-base"), **common))
     print(f"2/3 training LoRA for {steps} steps on {TRAIN_FILE.name} (bf16 autocast, fp32 adapter)")
     adapter = out / "lora"
     train(TrainSettings(
@@ -53,7 +68,7 @@ def run_demo(steps: int, output: str, items: int = 100) -> None:
         save_steps=steps, overwrite=True,  # the demo's own folder, rewritten on every run
         method_options={"r": 16, "alpha": 32, "target_modules": "all-linear"}))
     print("3/3 evaluating the fine-tuned model on the same problems")
-    after = run_eval(DEFAULT_MODEL, str(adapter), output=str(out / "eval-lora"), **common)
+    after = run_eval(EvalSettings(DEFAULT_MODEL, str(adapter), output=str(out / "eval-lora"), **common))
     before["task"], after["task"] = "base model", "with LoRA"
     print("\n" + format_table([before, after]))
     model, tokenizer = load_for_inference(DEFAULT_MODEL, str(adapter))

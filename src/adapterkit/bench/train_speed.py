@@ -1,7 +1,7 @@
 """Training and generation speed of adapterkit against Hugging Face PEFT, side by side in one run.
 
-    python benchmarks/train_speed.py                 # all sections, writes BENCHMARKS.md
-    python benchmarks/train_speed.py --sections train --steps 3
+    adapterkit bench                                 # all sections, writes ./BENCHMARKS.md
+    adapterkit bench --sections train --steps 3      # (python -m adapterkit.bench.train_speed: the same)
 
 Every measurement runs in its own subprocess (so peak memory is its own), on the default model
 (SmolLM2-135M-Instruct), with batches of 8 x 256 tokens packed from math_data.json (the same batches
@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data" / "llm-adapters" / "ft-training_set" / "math_data.json"
+from adapterkit.resources import LLM_ADAPTERS
+
+ROOT = Path.cwd()  # where BENCHMARKS.md and benchmarks/ are written (the checkout, when run from there)
+DATA = LLM_ADAPTERS / "ft-training_set" / "math_data.json"
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 OURS = {
     "lora": ("lora", LORA),
@@ -91,7 +93,7 @@ def build(spec: dict):
         def loss_of(batch):
             return model(**batch).loss
     else:
-        from adapterkit.allocator import tune_allocator
+        from adapterkit.training.allocator import tune_allocator
 
         tune_allocator()  # what adapterkit's training loop does (see src/adapterkit/allocator.py)
         method, options = OURS[spec["method"]]
@@ -188,7 +190,8 @@ def _peak_rss_gb() -> float:
 
 def measure(spec: dict) -> dict:
     """Run one configuration in a fresh process; returns its result."""
-    done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "adapterkit.bench.train_speed", "--one", json.dumps(spec)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{spec} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -208,7 +211,7 @@ def train_configs(steps: int, warmup: int) -> list[dict]:
     return configs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from adapterkit.cli import Parser  # one-line usage errors, as every adapterkit command
 
     parser = Parser(prog="adapterkit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,7 +224,7 @@ def main() -> None:
     parser.add_argument("--write", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update ('' = none)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--only", help="run only configurations whose description contains this text")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:
         spec = json.loads(args.one)
         torch.set_num_threads(torch.get_num_threads())
@@ -256,7 +259,7 @@ def main() -> None:
     report = render(results, args)
     print(report)
     if args.write:
-        from benchmark_tables import figure
+        from adapterkit.bench.tables import figure
 
         picture = Path(args.write).parent / "benchmarks" / "train_speed.png"
         picture.parent.mkdir(exist_ok=True)
@@ -279,10 +282,10 @@ def machine() -> str:
 
 
 def render(results: list[dict], args) -> str:
-    from benchmark_tables import tables
+    from adapterkit.bench.tables import tables
 
     stamp = datetime.date.today().isoformat()
-    command = "python benchmarks/train_speed.py " + " ".join(
+    command = "adapterkit bench " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in (("sections", args.sections), ("steps", args.steps),
                                                     ("warmup", args.warmup), ("loss_steps", args.loss_steps),
                                                     ("generate_repeats", args.generate_repeats)))
@@ -303,5 +306,4 @@ def write_section(path: Path, report: str, name: str = "train_speed") -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     main()

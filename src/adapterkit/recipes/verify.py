@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
-from .config import config_from_json
-from .errors import AdapterkitError
-from .models import DEFAULT_MODEL
+from ..core import AdaptedModel
+from ..errors import AdapterkitError
+from ..io import fingerprint
+from ..io.native import (
+    base_identity,
+    check_base,
+    check_tensors,
+    config_from_json,
+    load_weights,
+    missing_modules,
+    read_adapter,
+    trainable_only,
+)
+from ..io.peft import is_peft_folder
+from ..models import DEFAULT_MODEL, load_model
+from ..settings import check_fields, option
 
 
-def verify(directory: str | Path, model_name: str | None = None, report: Callable[[str], None] = print) -> bool:
+@dataclass
+class VerifySettings:
+    adapter: str = option(None, "adapter folder to check", required=True, positional=True)
+    model: str | None = option(None, "the base model (default: the one recorded in the adapter)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def verify(settings: VerifySettings, report: Callable[[str], None] = print) -> bool:
     """Run the checks in order, printing `ok` or `FAIL` for each; False if any failed."""
-    from . import fingerprint
-    from .core import AdaptedModel
-    from .models import load_model
-    from .storage import base_identity, check_base, check_tensors, has_module, load_weights, read_adapter
-
+    directory, model_name = settings.adapter, settings.model
     state: dict = {}
     all_ok = True
 
@@ -32,8 +50,6 @@ def verify(directory: str | Path, model_name: str | None = None, report: Callabl
         return True
 
     def files():
-        from .peft_format import is_peft_folder
-
         if is_peft_folder(directory):
             raise AdapterkitError("a Hugging Face PEFT folder: `load` and --adapter read it, but it records no base "
                                   "identity or fingerprint to verify; import it and save it in adapterkit's format")
@@ -43,7 +59,7 @@ def verify(directory: str | Path, model_name: str | None = None, report: Callabl
 
     def weights():
         recorded = state["meta"].get("parameters")
-        trainable = {k: v for k, v in state["tensors"].items() if not k.endswith(".final")}
+        trainable = trainable_only(state["tensors"])
         check_tensors(trainable)
         count = sum(t.numel() for t in trainable.values())
         if recorded is not None and count != recorded:
@@ -55,12 +71,11 @@ def verify(directory: str | Path, model_name: str | None = None, report: Callabl
         model, tokenizer = load_model(name)
         state["adapted"] = AdaptedModel(model)
         state["adapted"].tokenizer = tokenizer
-        check_base(state["meta"].get("base_model"), base_identity(model, tokenizer), force=False)
+        check_base(state["meta"].get("base_model"), base_identity(state["adapted"]), force=False)
         return name
 
     def modules():
-        missing = [m for m in state["meta"].get("modules", []) if m != "prompt"
-                   and not has_module(state["adapted"].base_model, m)]
+        missing = missing_modules(state["meta"], state["adapted"].base_model)
         if missing:
             raise AdapterkitError(f"{len(missing)} recorded module(s) missing, e.g. {missing[0]}")
         return f"{len(state['meta'].get('modules', []))} modules present"

@@ -8,36 +8,54 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from . import __version__
-from .config import config_from_json, config_to_json
-from .errors import AdapterkitError
+from .. import __version__
+from ..config import AdapterConfig
+from ..errors import AdapterkitError
+from ..methods import get_method
+from ..sites import EXPORTED, INPUTS, InputHook
+from . import fingerprint
+from .files import write_files
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT_VERSION = 1
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache",
                          "architectures", "_commit_hash", "quantization_config", "output_attentions",
                          "output_hidden_states", "return_dict", "tie_word_embeddings"}
 
 
-def base_identity(model, tokenizer=None) -> dict[str, Any]:
+def config_to_json(config: AdapterConfig) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "method": config.method, "config": config.to_dict()}
+
+
+def config_from_json(data: dict[str, Any]) -> AdapterConfig:
+    if not isinstance(data, dict) or "method" not in data or "config" not in data:
+        raise AdapterkitError("adapter_config.json lacks 'method' or 'config'; it was not written by adapterkit")
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise AdapterkitError(
+            f"adapter format version {version!r} is newer than this adapterkit reads ({FORMAT_VERSION}); "
+            "upgrade adapterkit")
+    if not isinstance(data["method"], str):
+        raise AdapterkitError(f"adapter_config.json: 'method' must be a method name, got {data['method']!r}")
+    return get_method(data["method"]).config_class.from_dict(data["config"])
+
+
+def base_identity(adapted) -> dict[str, Any]:
     """What identifies a base model: family, sizes, and hashes of its config (and vocabulary)."""
+    model, tokenizer = adapted.base_model, adapted.tokenizer
     config = model.config
     stable = {k: v for k, v in sorted(config.to_dict().items()) if k not in _VOLATILE_CONFIG_KEYS}
     identity = {
-        "model_type": config.model_type,
+        **adapted.layout.identity(),
         "architecture": type(model).__name__,
-        "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", None),
-        "num_layers": getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None),
         "vocab_size": getattr(config, "vocab_size", None),
         "config_sha256": _sha(json.dumps(stable, sort_keys=True, default=str)),
         "name_or_path": getattr(model, "adapterkit_source", None) or getattr(config, "_name_or_path", None),
@@ -52,8 +70,6 @@ def _sha(text: str) -> str:
 
 
 def save_adapter(adapted, directory: Path, name: str) -> Path:
-    from . import fingerprint
-
     record = adapted.records[name]
     if record.merged:
         raise AdapterkitError(f"adapter {name!r} is merged into the base weights: unmerge() it before saving")
@@ -67,7 +83,7 @@ def save_adapter(adapted, directory: Path, name: str) -> Path:
         "modules": sorted(record.parts),
         "parameters": parameters,
         "trained_steps": record.trained_steps,
-        "base_model": base_identity(adapted.base_model, adapted.tokenizer),
+        "base_model": base_identity(adapted),
         "generation": adapted.generation_info,
         "fingerprint": fingerprint.compute(adapted, name),
     })
@@ -92,7 +108,7 @@ def exported_tensors(record) -> dict[str, torch.Tensor]:
     """Tensors a part saves beside its weights (a prompt encoder's output), keyed by part path."""
     exported = {}
     for path, part in record.parts.items():
-        if hasattr(part, "export_tensors"):
+        if isinstance(part, InputHook):
             with torch.no_grad():
                 for key, t in part.export_tensors().items():
                     exported[f"{path}.{key}"] = t.detach().float().cpu().clone().contiguous()  # not a view of a weight
@@ -108,24 +124,6 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
             raise AdapterkitError(f"refusing to save: adapter weight {key} is empty")
         if not torch.isfinite(t).all():
             raise AdapterkitError(f"refusing to save: adapter weight {key} holds NaN or inf")
-
-
-def write_files(directory: Path, texts: dict[str, str], tensor_files: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Write every file into a temporary folder beside `directory`, then move each into place.
-
-    A crash leaves either the old file or the new one, never a half-written one.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
-    try:
-        for name, tensors in tensor_files.items():
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-        for name, text in texts.items():
-            (tmp / name).write_text(text)
-        for name in [*tensor_files, *texts]:  # the config moves last: it marks the folder complete
-            os.replace(tmp / name, directory / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def saved_template(directory: str | Path | None) -> str | None:
@@ -179,20 +177,23 @@ def load_weights(adapted, record, tensors: dict[str, torch.Tensor], name: str) -
                                   f"{drift:.3g}; the adapter file is inconsistent")
 
 
-def load_adapter(model, directory: str | Path, name: str = "default", trainable: bool = False,
-                 force: bool = False):
-    """Attach the adapter saved in `directory` to `model` (a transformers model or an AdaptedModel)."""
-    from . import fingerprint
-    from .core import AdaptedModel
-    from .peft_format import is_peft_folder, load_peft
+def trainable_only(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of a saved adapter file without the exported tensors saved beside them."""
+    return {k: v for k, v in tensors.items() if not k.endswith("." + EXPORTED)}
 
-    if is_peft_folder(directory):  # a Hugging Face PEFT folder: read directly (safetensors only)
-        return load_peft(model, directory, name, trainable=trainable)
+
+def missing_modules(meta: dict, model) -> list[str]:
+    """Modules the adapter was attached to that this model lacks (input hooks have no module)."""
+    return [m for m in meta.get("modules", []) if m != INPUTS and not has_module(model, m)]
+
+
+def load_adapter(adapted, directory: str | Path, name: str = "default", trainable: bool = False,
+                 force: bool = False):
+    """Attach the adapter saved in `directory` to an AdaptedModel."""
     meta, tensors = read_adapter(directory)
     config = config_from_json(meta)
-    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
-    check_base(meta.get("base_model"), base_identity(adapted.base_model, adapted.tokenizer), force)
-    missing = [m for m in meta.get("modules", []) if m != "prompt" and not has_module(adapted.base_model, m)]
+    check_base(meta.get("base_model"), base_identity(adapted), force)
+    missing = missing_modules(meta, adapted.base_model)
     if missing:
         raise AdapterkitError(f"the adapter was attached to {missing[0]}, which this model lacks "
                               f"({len(missing)} module(s) missing); it belongs to another base model")

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import AdapterkitError
+from ..errors import AdapterkitError
+from .native import read_adapter, trainable_only
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -54,14 +55,12 @@ def save_checkpoint(output: Path, step: int, adapted, optimizer, scheduler, posi
 
 def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns the saved state (step, data position)."""
-    from .storage import read_adapter
-
     if not (directory / STATE_FILE).is_file():
         raise AdapterkitError(f"{directory} is not a complete checkpoint (no {STATE_FILE})")
     _, weights = read_adapter(directory)
     state = json.loads((directory / STATE_FILE).read_text())
     tensors = load_file(str(directory / OPTIMIZER_FILE))
-    adapted.load_adapter_state_dict({k: v for k, v in weights.items() if not k.endswith(".final")})
+    adapted.load_adapter_state_dict(trainable_only(weights))
     optimizer.load_state_dict(_optimizer_state(tensors, state["param_groups"]))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])

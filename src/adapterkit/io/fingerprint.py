@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import AdapterkitError
+from ..errors import AdapterkitError
 
 PROBE_LENGTH = 16
 PROBE_POSITIONS = (3, 7, 11, 15)

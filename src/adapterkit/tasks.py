@@ -1,5 +1,5 @@
-"""Evaluation on LLM-Adapters' task files: batched greedy generation, answer extraction, accuracy,
-and train/test contamination.
+"""LLM-Adapters' tasks: their files, answer extraction, scoring and train/test contamination.
+(The evaluation job itself, batched generation over a task, is recipes/evaluate.py.)
 
 Answer extraction follows LLM-Adapters' evaluate scripts where they are right (math: a number
 within 0.001 of the gold; commonsense: the first label of the task's pattern) and departs where they
@@ -10,20 +10,15 @@ standalone option letter; a letter inside a word is never taken.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from .data import Template, collate, read_records
+from .data import read_records
 from .errors import AdapterkitError
-from .models import DEFAULT_MODEL
+from .resources import LLM_ADAPTERS as BUNDLED_DATA
 
-BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data" / "llm-adapters"
 TASK_TYPES = ("math", "choice", "boolean")
 LETTERS = ("A", "B", "C", "D", "E")
 MATH_TOLERANCE = 1e-3  # LLM-Adapters: |pred - gold| < 0.001
@@ -129,7 +124,7 @@ def extract_label(text: str, labels: tuple[str, ...]) -> str | None:
 
 def extract_answer(text: str, task_type: str, labels: tuple[str, ...] | None = None) -> str | None:
     """The parsed answer of a generation as a string (math: a number like "576" or "-3.5"), or None."""
-    _check_type(task_type)
+    check_task_type(task_type)
     if task_type == "math":
         value = parse_number(text)
         return None if value is None else _format_number(value)
@@ -143,7 +138,7 @@ def extract_answer(text: str, task_type: str, labels: tuple[str, ...] | None = N
 
 def is_correct(pred: str | None, gold, task_type: str) -> bool:
     """Math: within 0.001 of the gold number; choice and boolean: the same label, any case."""
-    _check_type(task_type)
+    check_task_type(task_type)
     if pred is None:
         return False
     if task_type == "math":
@@ -152,7 +147,7 @@ def is_correct(pred: str | None, gold, task_type: str) -> bool:
     return str(pred).strip().lower() == str(gold).strip().lower()
 
 
-def _check_type(task_type: str) -> None:
+def check_task_type(task_type: str) -> None:
     if task_type not in TASK_TYPES:
         raise AdapterkitError(f"unknown task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
 
@@ -181,7 +176,7 @@ def resolve_task(task: str | None = None, data: str | Path | None = None, data_d
                  task_type: str | None = None) -> tuple[str, Path, Task | None, str]:
     """(name, test file, known task or None, task type) from the --task/--data/--data-dir/--task-type flags."""
     if task_type is not None:
-        _check_type(task_type)
+        check_task_type(task_type)
     if data is not None:
         if task_type is None and not task:
             raise AdapterkitError("--data FILE needs --task-type math|choice|boolean (or a known --task name)")
@@ -229,144 +224,3 @@ def infer_labels(golds: list[str], task_type: str) -> tuple[str, ...] | None:
         word = parts[0].group(1)
         return _numbered(word, max(_LABEL_FAMILIES.get(word, 0), *(int(p.group(2)) for p in parts)))
     return tuple(sorted({g.lower() for g in golds}))
-
-
-# ---------------------------------------------------------------- generation
-
-@torch.no_grad()
-def evaluate(model, tokenizer, records: list[dict], task_type: str, template: str = "alpaca",
-             batch_size: int = 16, max_new_tokens: int = 256, num_beams: int = 1,
-             labels: tuple[str, ...] | None = None, progress: bool = True) -> tuple[list[dict], dict]:
-    """Generate an answer for every record (greedy, or beam search with num_beams > 1) and score it.
-
-    Batches are left-padded with an attention mask (generate derives position ids from it), built
-    from prompts sorted by length; predictions come back in the records' order.
-    Returns (predictions, summary): summary has n, correct, accuracy, ended_fraction, unparsed.
-    """
-    _check_type(task_type)
-    _check_counts(batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams)
-    form = Template(template)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id
-    encoded = [tokenizer(form.prompt({"instruction": r.get("instruction", ""), "input": r.get("input") or ""},
-                                     tokenizer), add_special_tokens=template != "chat")["input_ids"]
-               for r in records]
-    order = sorted(range(len(records)), key=lambda i: (-len(encoded[i]), i))  # longest first: OOM shows early
-    device = next(model.parameters()).device
-    predictions: list[dict | None] = [None] * len(records)
-    bar = tqdm(total=len(records), desc="eval", unit="item", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = collate([{"input_ids": encoded[i]} for i in chunk], pad_id, side="left")
-        out = model.generate(input_ids=batch["input_ids"].to(device),
-                             attention_mask=batch["attention_mask"].to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                             pad_token_id=pad_id, eos_token_id=eos_id)
-        new = out[:, batch["input_ids"].shape[1]:].tolist()
-        for tokens, index in zip(new, chunk, strict=True):
-            ended = eos_id is not None and eos_id in tokens
-            kept = tokens[: tokens.index(eos_id) + 1] if ended else tokens
-            text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-            record = records[index]
-            pred = extract_answer(text, task_type, labels)
-            gold = str(record.get("answer", "")).strip()
-            predictions[index] = {"index": index, "input": question_of(record), "output": text,
-                                  "prediction": pred, "gold": gold, "correct": is_correct(pred, gold, task_type),
-                                  "ended": ended, "new_tokens": len(kept)}
-        bar.update(len(chunk))
-    bar.close()
-    return predictions, summarise(predictions)
-
-
-def _check_counts(**counts: int | None) -> None:
-    for name, value in counts.items():
-        if value is not None and value < 1:
-            raise AdapterkitError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-
-
-def summarise(predictions: list[dict]) -> dict:
-    n = len(predictions)
-    correct = sum(p["correct"] for p in predictions)
-    return {"n": n, "correct": correct, "accuracy": correct / n if n else None,
-            "ended_fraction": sum(p["ended"] for p in predictions) / n if n else None,
-            "unparsed": sum(p["prediction"] is None for p in predictions)}
-
-
-# ---------------------------------------------------------------- the whole job
-
-def training_file(adapter: str | Path | None, train_data: str | Path | None) -> tuple[Path | None, str | None]:
-    """(training file, warning): --train-data, else the `data` setting in the adapter's run.json."""
-    if train_data is not None:
-        return Path(train_data), None
-    run = Path(adapter) / "run.json" if adapter else None
-    if run is None or not run.is_file():
-        return None, None
-    try:
-        named = json.loads(run.read_text()).get("settings", {}).get("data")
-    except (json.JSONDecodeError, AttributeError):
-        return None, f"{run} is not readable JSON; contamination not checked (pass --train-data FILE)"
-    if not named:
-        return None, None
-    for candidate in (Path(named), Path(adapter) / named):
-        if candidate.is_file():
-            return candidate, None
-    return None, f"training file {named} (from {run}) not found; contamination not checked (pass --train-data FILE)"
-
-
-def run_eval(model_name: str = DEFAULT_MODEL, adapter: str | None = None, task: str | None = None,
-             data: str | None = None, data_dir: str | None = None, task_type: str | None = None,
-             train_data: str | None = None, output: str | None = None, limit: int | None = None,
-             batch_size: int = 16, max_new_tokens: int = 256, num_beams: int = 1, template: str = "alpaca",
-             dtype: str = "fp32", force: bool = False, progress: bool = True) -> dict:
-    """Evaluate a model (with an adapter) on a task; writes results.json and predictions.jsonl into
-    `output` (default runs/eval/[ADAPTER-]TASK) and returns the results."""
-    from . import __version__
-    from .recipes import load_for_inference
-    from .storage import write_files
-
-    _check_counts(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams)
-    Template(template)  # bad settings fail before the model loads
-    name, path, spec, kind = resolve_task(task, data, data_dir, task_type)
-    records = load_task_records(path, kind, limit)
-    labels = spec.labels if spec and spec.type == kind else infer_labels([r["answer"] for r in records], kind)
-    train_path, warning = training_file(adapter, train_data)
-    dirty = contamination(records, read_records(train_path)) if train_path else None
-    model, tokenizer = load_for_inference(model_name, adapter, dtype=dtype, force=force)
-    predictions, summary = evaluate(model, tokenizer, records, kind, template, batch_size, max_new_tokens,
-                                    num_beams, labels, progress)
-    clean = {"contaminated": None, "clean_n": None, "clean_correct": None, "clean_accuracy": None}
-    if dirty is not None:
-        for p in predictions:
-            p["contaminated"] = p["index"] in dirty
-        kept = summarise([p for p in predictions if not p["contaminated"]])
-        clean = {"contaminated": len(dirty), "clean_n": kept["n"], "clean_correct": kept["correct"],
-                 "clean_accuracy": kept["accuracy"]}
-    results = {"task": name, "task_type": kind, **summary, **clean, "warnings": [warning] if warning else [],
-               "settings": {"model": model_name, "adapter": adapter, "data": str(path), "labels": list(labels) if labels else None,
-                            "train_data": str(train_path) if train_path else None, "limit": limit,
-                            "template": template, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                            "num_beams": num_beams, "dtype": dtype, "adapterkit_version": __version__}}
-    folder = Path(output) if output else Path("runs") / "eval" / (f"{Path(adapter).name}-{name}" if adapter else name)
-    write_files(folder, {"predictions.jsonl": "".join(json.dumps(p) + "\n" for p in predictions),
-                         "results.json": json.dumps(results, indent=2) + "\n"}, {})
-    results["output"] = str(folder)
-    return results
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def format_table(results: dict | list[dict]) -> str:
-    """The printed summary: one row per result, then any warnings."""
-    rows = results if isinstance(results, list) else [results]
-    head = ("task", "type", "n", "accuracy", "ended", "contaminated", "clean n", "clean accuracy")
-    body = [(r["task"], r["task_type"], str(r["n"]), _percent(r["accuracy"]), _percent(r["ended_fraction"]),
-             "-" if r.get("contaminated") is None else str(r["contaminated"]),
-             "-" if r.get("clean_n") is None else str(r["clean_n"]), _percent(r.get("clean_accuracy")))
-            for r in rows]
-    widths = [max(len(line[c]) for line in (head, *body)) for c in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-             for line in (head, *body)]
-    lines += [f"warning: {w}" for r in rows for w in r.get("warnings", [])]
-    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Mixed-batch generation: 8 LoRA adapters, one per row, adapterkit against PEFT's `adapter_names`.
 
-    python benchmarks/mixed_batch.py            # appends its table to BENCHMARKS.md
+    python -m adapterkit.bench.mixed_batch            # appends its table to BENCHMARKS.md
 
 Default model, fp32, 8 rows with a different adapter each (r 8 on q, v, random non-zero B), 32 new
 tokens, greedy, KV cache; the median of --repeats runs after one warm-up. Both libraries must produce
@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_speed import ROOT, machine, write_section  # noqa: E402
+from adapterkit.bench.train_speed import ROOT, machine, write_section
 
 NAMES = [f"task{i}" for i in range(8)]
 
@@ -75,7 +73,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         speed[name] = len(NAMES) * 32 / statistics.median(times)
     table = ("## Mixed-batch generation, 8 LoRA adapters\n\n"
-             f"Command: `python benchmarks/mixed_batch.py --repeats {args.repeats}`  \n"
+             f"Command: `python -m adapterkit.bench.mixed_batch --repeats {args.repeats}`  \n"
              f"Date: {datetime.date.today().isoformat()}  \nMachine: {machine()}\n\n"
              "8 rows, each with its own LoRA adapter (r 8 on q, v), 32 new tokens, fp32, greedy; both libraries "
              "produce identical tokens.\n\n| library | tokens/s | vs PEFT |\n| --- | --- | --- |\n"

@@ -6,74 +6,70 @@ cutoff 256, 2000 validation records, warmup 100) so its recipes carry over.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
 import shutil
-import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from .config import get_method
-from .core import adapt
-from .data import Template, collate, encode, epoch_batches, read_records, split_validation
-from .distributed import World, barrier, finish, init_world, sum_across
-from .errors import AdapterkitError
-from .models import DEFAULT_MODEL, load_model
-from .recipes import check_output
-from .storage import write_files
-from .training import causal_lm_loss, fit, make_optimizer
+from ..core import adapt
+from ..data import TEMPLATES, Template, collate, encode, epoch_batches, read_records, split_validation
+from ..errors import AdapterkitError
+from ..io.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from ..io.files import check_output, write_files
+from ..methods import get_method
+from ..models import DEFAULT_MODEL, load_model
+from ..settings import check_fields, option
+from ..training import causal_lm_loss, fit, make_optimizer
+from ..training.distributed import World, barrier, finish, init_world, sum_across
+from .common import generation_info
+from .run_files import effective_yaml, finish_run, jsonl
 
 
 @dataclass
 class TrainSettings:
     """Settings of `adapterkit train` (flag --batch-size is field batch_size, and so on)."""
 
-    data: str
-    output: str
-    method: str = "lora"
-    model: str = DEFAULT_MODEL
-    batch_size: int = 128
-    micro_batch_size: int = 4
-    num_epochs: int = 3
-    max_steps: int | None = None
-    learning_rate: float = 3e-4
-    warmup_steps: int = 100
-    cutoff_len: int = 256
-    val_set_size: int = 2000
-    train_on_inputs: bool = False
-    group_by_length: bool = False
-    eval_steps: int = 200
-    save_steps: int = 200
-    save_total_limit: int = 3
-    template: str = "alpaca"
-    limit: int | None = None
-    seed: int = 42
-    precision: str = "fp32"
-    resume: str | None = None
-    overwrite: bool = False
-    method_options: dict = field(default_factory=dict)
+    data: str = option(None, "JSON list or JSONL of instruction/input/output records (or parquet, or a saved "
+                       "HF dataset folder)", required=True)
+    output: str = option(None, "folder for the adapter, checkpoints, metrics.jsonl, loss.png, run.json",
+                         required=True)
+    method: str = option("lora", "the method (see `adapterkit methods`)")
+    model: str = option(DEFAULT_MODEL, "base model: the default, a local Hugging Face folder or a hub id")
+    batch_size: int = option(128, "global batch, all processes together", minimum=1)
+    micro_batch_size: int = option(4, "examples per forward pass", minimum=1)
+    num_epochs: int = option(3, "passes over the training records", minimum=1)
+    max_steps: int | None = option(None, "stop after this many optimizer steps", minimum=1)
+    learning_rate: float = option(3e-4, "peak learning rate", above=0)
+    warmup_steps: int = option(100, "linear warmup steps", minimum=0)
+    cutoff_len: int = option(256, "longest tokenised example; longer ones are cut", minimum=2)
+    val_set_size: int = option(2000, "records held out for validation (0: none)", minimum=0)
+    train_on_inputs: bool = option(False, "train on the prompt tokens too")
+    group_by_length: bool = option(False, "batch examples of similar length (less padding)")
+    eval_steps: int = option(200, "validate every N steps", minimum=1)
+    save_steps: int = option(200, "checkpoint every N steps", minimum=1)
+    save_total_limit: int = option(3, "checkpoints kept", minimum=1)
+    template: str = option("alpaca", "prompt template: alpaca, bare or chat", choices=TEMPLATES)
+    limit: int | None = option(None, "use only the first N records", minimum=1)
+    seed: int = option(42, "seed of the data order, the validation split and the adapter's start", minimum=0)
+    precision: str = option("fp32", "fp32, or bf16 (bf16 base + autocast, fp32 adapter)", choices=("fp32", "bf16"))
+    resume: str | None = option(None, "'auto' (latest checkpoint in --output) or a checkpoint folder")
+    overwrite: bool = option(False, "replace a non-empty output folder")
+    method_options: dict = option({}, "the method's options", cli=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def validate(self, world: World) -> None:
-        if self.micro_batch_size <= 0 or self.batch_size <= 0:
-            raise AdapterkitError("--batch-size and --micro-batch-size must be positive")
+        """What depends on the launcher: the global batch must split over micro-batches and processes."""
         if self.batch_size % (self.micro_batch_size * world.size):
             raise AdapterkitError(
                 f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size {self.micro_batch_size}"
                 + (f" x {world.size} processes" if world.size > 1 else "")
                 + f"; use a multiple of {self.micro_batch_size * world.size}")
-        if self.precision not in ("fp32", "bf16"):
-            raise AdapterkitError(f"--precision must be fp32 or bf16, got {self.precision!r}")
-        for name in ("eval_steps", "save_steps", "cutoff_len", "num_epochs"):
-            if getattr(self, name) <= 0:
-                raise AdapterkitError(f"--{name.replace('_', '-')} must be positive")
-        Template(self.template)
 
 
 def method_config(method: str, options: dict):
@@ -193,7 +189,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
         if world.main and (step % settings.save_steps == 0 or step == total):
             path = save_checkpoint(output, step, adapted, optimizer, scheduler, {"best": best},
                                    settings.save_total_limit)
-            write_files(path, {"metrics.jsonl": _jsonl(metrics)}, {})
+            write_files(path, {"metrics.jsonl": jsonl(metrics)}, {})
 
     try:
         fit(adapted, my_micro_batches, start, total, optimizer, scheduler, params, world, per_step,
@@ -205,12 +201,6 @@ def _train(settings: TrainSettings, world: World) -> dict:
         run = finish_run(settings, config, adapted, output, metrics, best, total, world, len(encoded),
                          len(val_encoded), time.time() - started)
     return run
-
-
-def generation_info(tokenizer, template: str) -> dict:
-    """What eval and generate need to prompt the adapter as it was trained and to stop where it learnt to."""
-    return {"template": template, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-            "chat_template": tokenizer.chat_template if template == "chat" else None}
 
 
 @torch.no_grad()
@@ -230,83 +220,6 @@ def validation_loss(adapted, examples, micro: int, pad_id: int, world: World, au
     adapted.train()
     loss_sum, tokens = sum_across(totals, world).tolist()
     return loss_sum / max(tokens, 1)
-
-
-def finish_run(settings, config, adapted, output: Path, metrics, best, total, world, n_train, n_val,
-               seconds) -> dict:
-    """The adapter to use (best by validation loss, else the last), metrics, plot and run.json."""
-    adapted.save(output / "last")
-    chosen = output / ("best" if best["step"] is not None else "last")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copyfile(chosen / name, output / f".{name}.tmp")
-        (output / f".{name}.tmp").replace(output / name)
-    train_losses = [m["loss"] for m in metrics if "loss" in m]
-    run = {
-        "settings": asdict(settings), "adapter_config": config.to_dict(), "method": settings.method,
-        "adapter": f"{chosen.name} (step {best['step'] if best['step'] is not None else total})",
-        "best_val_loss": best["val_loss"] if best["step"] is not None else None,
-        "first_loss": train_losses[0] if train_losses else None, "final_loss": train_losses[-1] if train_losses else None,
-        "steps": total, "processes": world.size, "train_examples": n_train, "validation_examples": n_val,
-        "seconds": round(seconds, 1), "seed": settings.seed, "data_sha256": _file_sha(settings.data),
-        "versions": versions(), "git_commit": git_commit(),
-    }
-    write_files(output, {"metrics.jsonl": _jsonl(metrics), "run.json": json.dumps(run, indent=2) + "\n"}, {})
-    plot_losses(metrics, output / "loss.png")
-    return run
-
-
-def plot_losses(metrics: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def effective_yaml(settings: TrainSettings, config) -> str:
-    import yaml
-
-    values = {k: v for k, v in asdict(settings).items() if k != "method_options"}
-    values.update({k: v for k, v in config.to_dict().items()})
-    return yaml.safe_dump(values, sort_keys=False)
-
-
-def versions() -> dict:
-    import transformers
-
-    return {"adapterkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
-def git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
-def _file_sha(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def _to(batch: dict, device: torch.device) -> dict:

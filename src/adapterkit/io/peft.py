@@ -22,11 +22,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import AdapterConfig, get_method
-from .errors import AdapterkitError
-from .methods.lora import LoraConfig, LoraEffect
-from .methods.prompt import PROMPT_KEY, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
-from .storage import CONFIG_FILE, WEIGHTS_FILE
+from ..config import AdapterConfig
+from ..errors import AdapterkitError
+from ..methods import get_method
+from ..methods.lora import LoraConfig, LoraEffect
+from ..methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
+from ..sites import INPUTS
+from . import fingerprint
+from .files import check_output, write_files
+from .native import CONFIG_FILE, WEIGHTS_FILE
 
 PEFT_PREFIX = "base_model.model."
 EMBEDDINGS_KEY = "prompt_embeddings"
@@ -87,12 +91,9 @@ def read_peft(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise AdapterkitError(f"{weights} is not a readable safetensors file ({exc})") from exc
 
 
-def load_peft(model, directory: str | Path, name: str = "default", trainable: bool = False):
-    """Attach the PEFT adapter saved in `directory` to `model` (a transformers model or an AdaptedModel)."""
-    from .core import AdaptedModel
-
+def load_peft(adapted, directory: str | Path, name: str = "default", trainable: bool = False):
+    """Attach the PEFT adapter saved in `directory` to an AdaptedModel."""
     meta, tensors = read_peft(directory)
-    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
     config, weights = from_peft(meta, tensors, adapted.layout.shape)
     _attach(adapted, config, weights, name, trainable)
     return adapted
@@ -174,7 +175,7 @@ def _prompt_from_peft(meta: dict, tensors: dict[str, torch.Tensor], shape):
     if set(tensors) != {EMBEDDINGS_KEY}:
         raise AdapterkitError(f"a PEFT {meta['peft_type']} file holds exactly {EMBEDDINGS_KEY}; this one "
                               f"holds {sorted(tensors)}")
-    k, weights = meta.get("num_virtual_tokens"), {f"{PROMPT_KEY}.embedding.weight": tensors[EMBEDDINGS_KEY]}
+    k, weights = meta.get("num_virtual_tokens"), {f"{INPUTS}.embedding.weight": tensors[EMBEDDINGS_KEY]}
     if meta["peft_type"] != "PREFIX_TUNING":  # P-Tuning too: PEFT saved the encoder's output only
         return PromptTuningConfig(num_virtual_tokens=k), weights
     saved = (meta.get("num_layers"), meta.get("num_attention_heads"), meta.get("token_dim"))
@@ -223,7 +224,7 @@ def to_peft(adapted, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
               "base_model_name_or_path": getattr(adapted.base_model.config, "_name_or_path", None) or None}
     if isinstance(config, LoraConfig):
         return _lora_to_peft(config, record.parts, common)
-    return _prompt_to_peft(config, record.parts[PROMPT_KEY], adapted.layout.shape, common)
+    return _prompt_to_peft(config, record.parts[INPUTS], adapted.layout.shape, common)
 
 
 def _lora_to_peft(config: LoraConfig, parts: dict, common: dict):
@@ -269,8 +270,6 @@ def _prompt_to_peft(config, part, shape, common: dict):
 
 def check_round_trip(adapted, name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> float:
     """Read the PEFT tensors back (in memory) onto the same base; the probe logits must be the adapter's."""
-    from . import fingerprint
-
     config, weights = from_peft(meta, tensors, adapted.layout.shape)
     _attach(adapted, config, weights, _CHECK_NAME, trainable=False)
     try:
@@ -288,9 +287,6 @@ def check_round_trip(adapted, name: str, meta: dict, tensors: dict[str, torch.Te
 
 def export_peft(adapted, output: str | Path, name: str | None = None, overwrite: bool = False) -> Path:
     """Write adapter `name` of `adapted` as a PEFT folder that `peft.PeftModel.from_pretrained` loads."""
-    from .recipes import check_output
-    from .storage import write_files
-
     out = Path(output)
     check_output(out, overwrite)
     name = name or adapted._single_name()
@@ -299,21 +295,3 @@ def export_peft(adapted, output: str | Path, name: str | None = None, overwrite:
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     write_files(out, {CONFIG_FILE: text}, {WEIGHTS_FILE: tensors})
     return out
-
-
-def export_folder(adapter: str | Path, output: str | Path, model: str | None = None, overwrite: bool = False,
-                  force: bool = False) -> Path:
-    """`adapterkit export --format peft`: load the adapter onto its base model, write the PEFT folder."""
-    from .config import config_from_json
-    from .models import DEFAULT_MODEL
-    from .recipes import check_output, load_for_inference
-    from .storage import read_adapter
-
-    if is_peft_folder(adapter):
-        raise AdapterkitError(f"{adapter} is a PEFT adapter folder already; PEFT loads it as it is")
-    meta, _ = read_adapter(adapter)
-    refuse_unexportable(config_from_json(meta))  # before the slow part
-    check_output(Path(output), overwrite)
-    base = model or (meta.get("base_model") or {}).get("name_or_path") or DEFAULT_MODEL
-    adapted, _ = load_for_inference(base, str(adapter), force=force)
-    return export_peft(adapted, output, overwrite=overwrite)

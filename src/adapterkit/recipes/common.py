@@ -1,0 +1,31 @@
+"""What several recipes share: a model with its adapter ready for inference, and its generation info."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import AdaptedModel
+from ..io import load
+from ..models import load_model
+
+
+def load_for_inference(model_name: str, adapter: str | None, dtype: str = "fp32", force: bool = False):
+    """(model or AdaptedModel, tokenizer) ready for generation."""
+    model, tokenizer = load_model(model_name, dtype)
+    if adapter:
+        adapted = AdaptedModel(model)
+        adapted.tokenizer = tokenizer
+        model = load(adapted, adapter, force=force)
+    return model, tokenizer
+
+
+def generation_info(tokenizer, template: str) -> dict:
+    """What eval and generate need to prompt the adapter as it was trained and to stop where it learnt to."""
+    return {"template": template, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "chat_template": tokenizer.chat_template if template == "chat" else None}
+
+
+def probe_inputs(tokenizer) -> dict[str, torch.Tensor]:
+    text = "The quick brown fox jumps over the lazy dog. 12 + 30 = 42."
+    ids = tokenizer(text, return_tensors="pt")
+    return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}

@@ -1,0 +1,93 @@
+"""What a training run leaves beside its adapter: run.json, metrics.jsonl, loss.png, config.yaml."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..io.files import write_files
+
+
+def finish_run(settings, config, adapted, output: Path, metrics, best, total, world, n_train, n_val,
+               seconds) -> dict:
+    """The adapter to use (best by validation loss, else the last), metrics, plot and run.json."""
+    adapted.save(output / "last")
+    chosen = output / ("best" if best["step"] is not None else "last")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(chosen / name, output / f".{name}.tmp")
+        (output / f".{name}.tmp").replace(output / name)
+    train_losses = [m["loss"] for m in metrics if "loss" in m]
+    run = {
+        "settings": asdict(settings), "adapter_config": config.to_dict(), "method": settings.method,
+        "adapter": f"{chosen.name} (step {best['step'] if best['step'] is not None else total})",
+        "best_val_loss": best["val_loss"] if best["step"] is not None else None,
+        "first_loss": train_losses[0] if train_losses else None, "final_loss": train_losses[-1] if train_losses else None,
+        "steps": total, "processes": world.size, "train_examples": n_train, "validation_examples": n_val,
+        "seconds": round(seconds, 1), "seed": settings.seed, "data_sha256": file_sha(settings.data),
+        "versions": versions(), "git_commit": git_commit(),
+    }
+    write_files(output, {"metrics.jsonl": jsonl(metrics), "run.json": json.dumps(run, indent=2) + "\n"}, {})
+    plot_losses(metrics, output / "loss.png")
+    return run
+
+
+def plot_losses(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def effective_yaml(settings, config) -> str:
+    import yaml
+
+    values = {k: v for k, v in asdict(settings).items() if k != "method_options"}
+    values.update({k: v for k, v in config.to_dict().items()})
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"adapterkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def file_sha(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
