@@ -1,7 +1,6 @@
 """adapterkit: parameter-efficient fine-tuning of causal language models."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: F401
 from .architectures import ARCHITECTURES, Architecture, register_architecture  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
 from .core import AdaptedModel, adapt  # noqa: E402

@@ -12,14 +12,10 @@ import sys
 import typing
 
 from .errors import AdapterkitError
-from .settings import convert, flag_of, from_mapping
+from .settings import Parser, convert, flag_of, from_mapping
 
+METHOD_OPTION = "method option "  # namespace prefix of the method flags
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, not usage + traceback
-        self.exit(2, f"adapterkit: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _commands() -> dict[str, tuple[str, type]]:
@@ -64,19 +60,19 @@ def add_settings(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per option of every method (`adapterkit methods` lists them); dest "opt:FLAG"."""
+    """One flag per option of every method (`adapterkit methods` lists them); dest METHOD_OPTION + flag."""
     from .methods import METHODS
 
     group = parser.add_argument_group("method options (see `adapterkit methods`)")
     seen: set[str] = set()
     for method in METHODS.values():
-        for opt in method.config_class.options():
-            if opt.flag in seen:
+        for o in method.config_class.options():
+            if o.flag in seen:
                 continue
-            seen.add(opt.flag)
-            kind = {"action": argparse.BooleanOptionalAction} if opt.type is bool else {"metavar": opt.name.upper()}
-            group.add_argument(opt.flag, *opt.aliases, dest="opt:" + opt.flag, default=argparse.SUPPRESS,
-                               help=opt.help, **kind)
+            seen.add(o.flag)
+            kind = {"action": argparse.BooleanOptionalAction} if o.type is bool else {"metavar": o.name.upper()}
+            group.add_argument(o.flag, *o.aliases, dest=METHOD_OPTION + o.flag, default=argparse.SUPPRESS,
+                               help=o.help, **kind)
 
 
 def build_parser() -> Parser:
@@ -163,8 +159,8 @@ def cmd_methods(_) -> None:
     for method in METHODS.values():
         merge_note = "mergeable" if method.mergeable else "not mergeable"
         print(f"{method.name}  [{method.family}, {merge_note}]  {method.summary}")
-        for opt in method.config_class.options():
-            print(f"    {opt.flag:<22} {opt.type_name:<24} default {opt.default!r:<10} {opt.help}")
+        for o in method.config_class.options():
+            print(f"    {o.flag:<22} {o.type_name:<24} default {o.default!r:<10} {o.help}")
 
 
 def run_command(command: str, settings) -> int:
@@ -242,7 +238,7 @@ def parse(argv: list[str]) -> tuple[str, object]:
     if command == "methods":
         return command, None
     if command == "train":
-        method_flags = {k[4:]: args.pop(k) for k in list(args) if k.startswith("opt:")}
+        method_flags = {k[len(METHOD_OPTION):]: args.pop(k) for k in list(args) if k.startswith(METHOD_OPTION)}
         return command, train_settings(args, method_flags, args.pop("config", None))
     cls = _commands()[command][1]
     return command, cls(**_typed(cls, args))

@@ -7,6 +7,7 @@ values (`convert`) and the validation of every value before any work starts (`ch
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -16,6 +17,13 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import AdapterkitError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, as every adapterkit command prints them."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"adapterkit: error: {message} (see `{self.prog} --help`)\n")
 
 
 def option(default: Any, help: str, flag: str | None = None, *, minimum: float | None = None,

@@ -212,7 +212,7 @@ def train_configs(steps: int, warmup: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from adapterkit.cli import Parser  # one-line usage errors, as every adapterkit command
+    from adapterkit.settings import Parser  # one-line usage errors, as every adapterkit command
 
     parser = Parser(prog="adapterkit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", help=argparse.SUPPRESS)

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .. import __version__
+from .._version import __version__
 from ..config import AdapterConfig
 from ..errors import AdapterkitError
 from ..methods import get_method

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..data import TEMPLATES, Template, collate, read_records
 from ..errors import AdapterkitError
 from ..io.files import write_files
