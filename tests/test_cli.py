@@ -24,7 +24,7 @@ def data_file(tmp_path):
 def _train_args(model_dir, data_file, output, *extra):
     return ["train", "--model", str(model_dir), "--data", str(data_file), "--output", str(output),
             "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "3", "--learning-rate", "1e-2",
-            "--cutoff-len", "64", "--val-set-size", "4", "--warmup-steps", "0", *extra]
+            "--cutoff-len", "64", "--val-set-size", "4", "--warmup-steps", "0", "--template", "bare", *extra]
 
 
 def test_train_generate_merge(tiny_llama_dir, data_file, tmp_path, capsys):

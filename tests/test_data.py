@@ -26,12 +26,18 @@ def test_labels_are_response_then_end_token_when_pad_is_eos(template):
     assert example["input_ids"][-1] == tokenizer.eos_token_id
     kept = [t for t in example["labels"] if t != IGNORE]
     assert tokenizer.decode(kept) == RECORD["output"] + "</s>"
-    batch = collate([example, encode({**RECORD, "output": "5"}, tokenizer, Template(template), cutoff=1024)],
-                    tokenizer.pad_token_id)
+    short_example = encode({**RECORD, "output": "5"}, tokenizer, Template(template), cutoff=1024)
+    batch = collate([example, short_example], tokenizer.pad_token_id)
     short = batch["labels"][1]
     assert (short == tokenizer.eos_token_id).sum() == 1  # padding (same id) is masked, the real end is kept
-    assert batch["attention_mask"][1].sum() == len([t for t in batch["input_ids"][1].tolist()]) - \
-        (batch["attention_mask"][1] == 0).sum()
+    # The short row is its example, then padding on the right: attention 0 and label IGNORE there.
+    n, width = len(short_example["input_ids"]), len(example["input_ids"])
+    assert n < width and batch["input_ids"].shape == (2, width)
+    pad = width - n
+    assert batch["input_ids"][1].tolist() == short_example["input_ids"] + [tokenizer.pad_token_id] * pad
+    assert batch["attention_mask"][1].tolist() == [1] * n + [0] * pad
+    assert short.tolist() == short_example["labels"] + [IGNORE] * pad
+    assert batch["attention_mask"][0].tolist() == [1] * width and batch["labels"][0].tolist() == example["labels"]
 
 
 def test_train_on_inputs_keeps_prompt_labels():

@@ -86,7 +86,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_llama_dir, data_file, tmp_pa
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tiny_llama_dir, data_file, tmp_path, monkeypatch,
                                                               capsys):
     out = tmp_path / "out"
-    real_save = checkpoint.save_file
+    real_save = checkpoint.save_tensors
     calls = {"n": 0}
 
     def crash_on_second_checkpoint(tensors, path, *args, **kwargs):
@@ -96,10 +96,10 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tiny_llama_dir, da
             raise KeyboardInterrupt  # as a kill in the middle of writing the folder
         return real_save(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save_file", crash_on_second_checkpoint)
+    monkeypatch.setattr(checkpoint, "save_tensors", crash_on_second_checkpoint)
     assert main([*_args(tiny_llama_dir, data_file, out), "--max-steps", "6", "--save-steps", "2"]) == 130
     assert [p.name for p in checkpoint.checkpoint_dirs(out)] == ["step-0000002"]
-    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    monkeypatch.setattr(checkpoint, "save_tensors", real_save)
     assert main([*_args(tiny_llama_dir, data_file, out), "--max-steps", "6", "--save-steps", "2",
                  "--resume", "auto"]) == 0
     assert [p.name for p in checkpoint.checkpoint_dirs(out)] == ["step-0000002", "step-0000004", "step-0000006"]

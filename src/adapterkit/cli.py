@@ -244,8 +244,29 @@ def parse(argv: list[str]) -> tuple[str, object]:
     return command, cls(**_typed(cls, args))
 
 
+def _one_line_warnings() -> None:
+    """adapterkit's warnings as `adapterkit: warning: ...` lines; other libraries' stay as they are."""
+    import warnings
+
+    from .errors import AdapterkitWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "adapterkit", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, AdapterkitWarning):
+            print(f"adapterkit: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.adapterkit = True
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _one_line_warnings()
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["bench"]:  # its flags are the script's own

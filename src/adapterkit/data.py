@@ -6,6 +6,7 @@ the pad token is the same token: padding is masked by position, never by token i
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ def read_records(path: str | Path) -> list[dict]:
         records = _jsonl_records(path)
     else:
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(read_text(path))
         except json.JSONDecodeError as exc:
             raise AdapterkitError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from exc
         if not isinstance(records, list):
@@ -95,9 +96,34 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8 (a UTF-8 byte-order mark allowed), or one line naming the file and the fix."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AdapterkitError(f"{path}: cannot read it ({exc.strerror})") from exc
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise AdapterkitError(f"{path} is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        kind = "binary data" if b"\x00" in data[:4096] else "not UTF-8 text (latin-1 or another encoding?)"
+        raise AdapterkitError(f"{path}: {kind} at byte {exc.start}; data files must be UTF-8 JSON or JSONL") from exc
+
+
+def data_sha256(path: str | Path) -> str:
+    """A hash of a data file, or of every file of a dataset folder: what a run was trained on."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        digest.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def _jsonl_records(path: Path) -> list[dict]:
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -132,7 +158,21 @@ def encode(record: dict, tokenizer, template: Template, cutoff: int = 256,
     ids = (prompt_ids + response_ids)[: cutoff - 1] + [tokenizer.eos_token_id]
     masked = 0 if train_on_inputs else min(len(prompt_ids), len(ids) - 1)  # the end label always stays
     labels = [IGNORE] * masked + ids[masked:]
-    return {"input_ids": ids, "labels": labels}
+    kept = max(0, min(len(response_ids), cutoff - 1 - len(prompt_ids)))
+    return {"input_ids": ids, "labels": labels, "response_kept": kept, "response_cut": kept < len(response_ids)}
+
+
+def check_cutoff(examples: list[dict], cutoff: int) -> str | None:
+    """A warning counting the examples whose response the cutoff cut away entirely (they then learn only
+    the end token); an error when no example keeps any of its response."""
+    lost = [e for e in examples if e["response_cut"] and e["response_kept"] == 0]
+    if examples and len(lost) == len(examples):
+        raise AdapterkitError(f"at --cutoff-len {cutoff} every training record loses its whole response (the "
+                              "prompts are longer); raise --cutoff-len")
+    if lost:
+        return (f"{len(lost)} of {len(examples)} training records lose their whole response at --cutoff-len "
+                f"{cutoff} (their prompt is longer) and train only the end token; raise --cutoff-len")
+    return None
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:

@@ -50,7 +50,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
     folder = default_model_folder() if name_or_path == DEFAULT_MODEL else _local_or_hub(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        if Path(folder).is_dir():
+            raise AdapterkitError(f"{name_or_path}: the model folder cannot be loaded ({_first_line(exc)}); it needs "
+                                  "config.json and its weights (model.safetensors), as save_pretrained writes") from exc
         raise AdapterkitError(_hub_message(name_or_path, exc)) from exc
     tokenizer = load_tokenizer(folder)
     model.eval()
@@ -79,8 +82,12 @@ def _local_or_hub(name: str) -> str:
     return name
 
 
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def _hub_message(name: str, exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = _first_line(exc)
     return (f"could not load model {name!r}: not a local folder, and the Hugging Face hub did not provide it "
             f"(no network here?) [{first}]. Pass a local model folder, or '{DEFAULT_MODEL}'")
 

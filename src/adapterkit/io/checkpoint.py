@@ -13,13 +13,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ..errors import AdapterkitError
+from .files import note_outputs, save_tensors, writing
 from .native import read_adapter, trainable_only
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+METRICS_FILE = "metrics.jsonl"
 
 
 def checkpoint_dirs(output: Path) -> list[Path]:
@@ -31,41 +34,86 @@ def checkpoint_dirs(output: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
-def save_checkpoint(output: Path, step: int, adapted, optimizer, scheduler, position: dict,
-                    keep: int) -> Path:
+def save_checkpoint(output: Path, step: int, adapted, optimizer, scheduler, position: dict, keep: int,
+                    texts: dict[str, str] | None = None) -> Path:
+    """Write checkpoint `step` (with `texts`, e.g. the metrics so far, inside it) and keep the last `keep`.
+    The folder is renamed into place only when every file is written."""
     root = output / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+    with writing(root):
+        root.mkdir(parents=True, exist_ok=True)
+    note_outputs(output, ["checkpoints"])
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    adapted.save(tmp)
-    tensors, groups = _optimizer_tensors(optimizer)
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    state = {"step": step, "position": position, "param_groups": groups,
-             "scheduler": scheduler.state_dict(),  # lr_lambdas are plain functions: saved as None
-             "python_rng": _jsonable(random.getstate())}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        adapted.save(tmp)
+        tensors, groups = _optimizer_tensors(optimizer)
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_tensors(tensors, tmp / OPTIMIZER_FILE)
+        state = {"step": step, "position": position, "param_groups": groups,
+                 "scheduler": scheduler.state_dict(),  # lr_lambdas are plain functions: saved as None
+                 "python_rng": _jsonable(random.getstate())}
+        with writing(tmp):
+            for name, text in (texts or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoint_dirs(output)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; returns the saved state (step, data position)."""
+def read_checkpoint(directory: Path) -> dict:
+    """Every file of a checkpoint, parsed and checked, before anything is restored from it."""
     if not (directory / STATE_FILE).is_file():
         raise AdapterkitError(f"{directory} is not a complete checkpoint (no {STATE_FILE})")
     _, weights = read_adapter(directory)
-    state = json.loads((directory / STATE_FILE).read_text())
-    tensors = load_file(str(directory / OPTIMIZER_FILE))
-    adapted.load_adapter_state_dict(trainable_only(weights))
-    optimizer.load_state_dict(_optimizer_state(tensors, state["param_groups"]))
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    try:
+        state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+        tensors = load_file(str(directory / OPTIMIZER_FILE))
+        metrics_file = directory / METRICS_FILE
+        metrics = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines()] \
+            if metrics_file.is_file() else None
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise AdapterkitError(f"checkpoint {directory.name} is damaged ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(state, dict) or not {"step", "position", "param_groups", "scheduler", "python_rng"} <= set(state) \
+            or "rng.torch" not in tensors:
+        raise AdapterkitError(f"checkpoint {directory.name} is damaged (its state lacks entries)")
+    return {"weights": trainable_only(weights), "state": state, "tensors": tensors, "metrics": metrics}
+
+
+def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; returns the saved state (step, data position),
+    with the metrics saved inside the checkpoint under "metrics"."""
+    saved = read_checkpoint(directory)
+    state = saved["state"]
+    try:
+        adapted.load_adapter_state_dict(saved["weights"])
+        optimizer.load_state_dict(_optimizer_state(saved["tensors"], state["param_groups"]))
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise AdapterkitError(f"checkpoint {directory.name} does not fit this run ({exc})") from exc
+    torch.set_rng_state(saved["tensors"]["rng.torch"])
     random.setstate(_tuples(state["python_rng"]))
-    return state
+    return {**state, "metrics": saved["metrics"]}
+
+
+def latest_good_checkpoint(output: Path, warn) -> Path | None:
+    """The newest checkpoint whose files all read back, newest first; each damaged one is reported
+    through `warn` and skipped. None when there is no checkpoint at all."""
+    found = checkpoint_dirs(output)
+    for directory in reversed(found):
+        try:
+            read_checkpoint(directory)
+            return directory
+        except AdapterkitError as exc:
+            warn(f"{exc}; resuming from the checkpoint before it")
+    if found:
+        raise AdapterkitError(f"every checkpoint in {output / 'checkpoints'} is damaged; start again without --resume")
+    return None
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -65,23 +65,41 @@ def relative_drift(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got - expected).abs().max() / expected.abs().max().clamp(min=1e-6)).item()
 
 
+def _saved_dtype(saved: dict) -> torch.dtype:
+    """The dtype a fingerprint was taken in: only the listed ones, so a file cannot widen the tolerance."""
+    name = saved.get("dtype", "float32")
+    names = {str(d).removeprefix("torch."): d for d in TOLERANCE}
+    if name not in names:
+        raise AdapterkitError(f"the saved fingerprint has dtype {name!r}; adapterkit writes one of "
+                              f"{', '.join(sorted(names))}: the adapter file was altered")
+    return names[name]
+
+
 def check(adapted, name: str, saved: dict | None, trained_steps: int = 0) -> dict:
     """Recompute and compare; raises with one clear line on drift or a no-op adapter. Returns the
     recomputed fingerprint with `drift` (relative to the saved adapted logits)."""
     now = compute(adapted, name)
     dtype = next(adapted.base_model.parameters()).dtype
-    saved_dtype = getattr(torch, saved.get("dtype", "float32")) if saved else dtype
+    saved_dtype = _saved_dtype(saved) if isinstance(saved, dict) else dtype
     tolerance = max(TOLERANCE.get(dtype, 5e-2), TOLERANCE.get(saved_dtype, 5e-2))
     if saved:
+        if not isinstance(saved, dict):
+            raise AdapterkitError("the saved fingerprint is not an object: the adapter file was altered")
         if saved.get("probe_ids") != now["probe_ids"]:
             raise AdapterkitError("the saved fingerprint was taken on another vocabulary; this is another base model")
-        base_drift = relative_drift(torch.tensor(now["base"]), torch.tensor(saved["base"]))
-        if base_drift > tolerance:
+        try:
+            saved_base, saved_adapted = torch.tensor(saved["base"]), torch.tensor(saved["adapted"])
+            base_drift = relative_drift(torch.tensor(now["base"]), saved_base)
+            relative_drift(torch.tensor(now["adapted"]), saved_adapted)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise AdapterkitError("the saved fingerprint is malformed (its probe logits do not read back): the "
+                                  "adapter file was altered") from exc
+        if not base_drift <= tolerance:
             raise AdapterkitError(f"the base model's probe logits differ from the ones saved with the adapter "
                                   f"(relative drift {base_drift:.2g} > {tolerance:g}): this is another base model; "
                                   "load the adapter's own base, or pass --force")
-        now["drift"] = relative_drift(torch.tensor(now["adapted"]), torch.tensor(saved["adapted"]))
-        if now["drift"] > tolerance:
+        now["drift"] = relative_drift(torch.tensor(now["adapted"]), saved_adapted)
+        if not now["drift"] <= tolerance:
             raise AdapterkitError(f"the adapted model's probe logits drift from the saved fingerprint by "
                                   f"{now['drift']:.2g} (> {tolerance:g} for {dtype}); the adapter is not applied "
                                   "as it was saved (modules renamed, weights altered, or another base)")

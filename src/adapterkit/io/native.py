@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from .._version import __version__
 from ..config import AdapterConfig
-from ..errors import AdapterkitError
+from ..errors import AdapterkitError, warn
 from ..methods import get_method
 from ..sites import EXPORTED, INPUTS, InputHook
 from . import fingerprint
@@ -144,13 +144,20 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
         raise AdapterkitError(f"adapter folder {directory} does not exist")
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file():
+        if (directory / "trainer_state.json").is_file() or (directory / "training_args.bin").is_file():
+            raise AdapterkitError(f"{directory} is a Hugging Face Trainer output without {CONFIG_FILE}; save the "
+                                  "adapter with adapted.save(DIR) (or adapterkit.save) after trainer.train(), and "
+                                  "load that folder")
         pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
         hint = f" (found {pickled[0]}: pickle files are never loaded)" if pickled else ""
         raise AdapterkitError(f"{directory} has no {CONFIG_FILE}; not an adapter folder{hint}")
     try:
-        meta = json.loads(config_path.read_text())
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterkitError(f"{config_path} is not valid JSON ({exc}); the adapter folder is corrupt") from exc
+    if not isinstance(meta, dict):
+        raise AdapterkitError(f"{config_path} holds a JSON {type(meta).__name__}, not an object; the adapter "
+                              "folder is corrupt")
     if not weights_path.is_file():
         raise AdapterkitError(f"{directory} has no {WEIGHTS_FILE}; the adapter folder is incomplete")
     try:
@@ -187,11 +194,28 @@ def missing_modules(meta: dict, model) -> list[str]:
     return [m for m in meta.get("modules", []) if m != INPUTS and not has_module(model, m)]
 
 
+def check_loadable(meta: dict, tensors: dict[str, torch.Tensor], force: bool) -> None:
+    """Weights must be finite; an adapter without its fingerprint or base identity cannot be verified,
+    so it is refused unless `force` (then a warning)."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterkitError(f"adapter weight {key} holds NaN or inf: the adapter file is damaged; use "
+                                  "an earlier checkpoint or retrain")
+    unverified = [k for k in ("fingerprint", "base_model") if not isinstance(meta.get(k), dict)]
+    if unverified:
+        message = (f"the adapter records no {' or '.join(unverified)}, so it cannot be verified against the "
+                   "base model")
+        if not force:
+            raise AdapterkitError(message + "; re-save it with adapterkit, or pass --force to load it unverified")
+        warn(message + "; loading it unverified because of --force")
+
+
 def load_adapter(adapted, directory: str | Path, name: str = "default", trainable: bool = False,
                  force: bool = False):
     """Attach the adapter saved in `directory` to an AdaptedModel."""
     meta, tensors = read_adapter(directory)
     config = config_from_json(meta)
+    check_loadable(meta, tensors, force)
     check_base(meta.get("base_model"), base_identity(adapted), force)
     missing = missing_modules(meta, adapted.base_model)
     if missing:
@@ -216,9 +240,7 @@ def _checked(run, force: bool) -> None:
     except AdapterkitError as exc:
         if not force:
             raise
-        import warnings
-
-        warnings.warn(f"{exc} (loading anyway because of --force)", stacklevel=3)
+        warn(f"{exc} (loading anyway because of --force)")
 
 
 def has_module(model, path: str) -> bool:
@@ -242,6 +264,4 @@ def check_base(saved: dict | None, current: dict, force: bool) -> None:
     message = f"the adapter was trained on another base model ({what})"
     if not force:
         raise AdapterkitError(message + "; load the matching base model, or pass --force to load anyway")
-    import warnings
-
-    warnings.warn(message + "; loading anyway because of --force", stacklevel=2)
+    warn(message + "; loading anyway because of --force")

@@ -293,5 +293,5 @@ def export_peft(adapted, output: str | Path, name: str | None = None, overwrite:
     meta, tensors = to_peft(adapted, name)
     check_round_trip(adapted, name, meta, tensors)
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    write_files(out, {CONFIG_FILE: text}, {WEIGHTS_FILE: tensors})
+    write_files(out, {CONFIG_FILE: text}, {WEIGHTS_FILE: tensors}, record=True)
     return out

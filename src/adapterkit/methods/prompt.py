@@ -349,6 +349,9 @@ def prompt_generate(adapted, part: PromptPart, kwargs: dict[str, Any]):
     kwargs["input_ids"] = ids
     inputs, _ = prompt_inputs(adapted, part, kwargs)
     if part.kind == "prefix":
+        # The prefixes live in the cache: without it (use_cache=False, or a model whose generation
+        # config turns it off) generate would recompute without them. Generation always keeps it.
+        inputs["use_cache"] = True
         return adapted.base_model.generate(**inputs)
     out = adapted.base_model.generate(**inputs)  # given inputs_embeds only, generate returns the new tokens
     return torch.cat([ids, out], dim=1)

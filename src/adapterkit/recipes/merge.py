@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterkitError
-from ..io.files import check_output
+from ..io.files import check_output, note_outputs, writing
 from ..models import DEFAULT_MODEL
 from ..settings import check_fields, option
 from .common import load_for_inference, probe_inputs
@@ -46,11 +46,17 @@ def merge(settings: MergeSettings) -> float:
                               "nothing written")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     report = {"adapter": str(settings.adapter), "max_logit_change": drift, "tolerance": settings.tolerance,
               "generation": adapted_info}  # the template and end tokens travel with the merged model
-    (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        with writing(out):
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            note_outputs(tmp, [p.name for p in tmp.iterdir()])
+            if out.exists():  # check_output allowed it: it holds only what adapterkit wrote
+                shutil.rmtree(out)
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return drift

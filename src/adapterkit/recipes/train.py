@@ -7,7 +7,6 @@ cutoff 256, 2000 validation records, warmup 100) so its recipes carry over.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import adapt
-from ..data import TEMPLATES, Template, collate, encode, epoch_batches, read_records, split_validation
-from ..errors import AdapterkitError
-from ..io.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from ..io.files import check_output, write_files
+from ..data import (
+    TEMPLATES,
+    Template,
+    check_cutoff,
+    collate,
+    data_sha256,
+    encode,
+    epoch_batches,
+    read_records,
+    split_validation,
+)
+from ..errors import AdapterkitError, warn
+from ..io.checkpoint import latest_good_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from ..io.files import check_output, clear_outputs, note_outputs, write_files
 from ..methods import get_method
 from ..models import DEFAULT_MODEL, load_model
 from ..settings import check_fields, option
@@ -57,7 +66,8 @@ class TrainSettings:
     seed: int = option(42, "seed of the data order, the validation split and the adapter's start", minimum=0)
     precision: str = option("fp32", "fp32, or bf16 (bf16 base + autocast, fp32 adapter)", choices=("fp32", "bf16"))
     resume: str | None = option(None, "'auto' (latest checkpoint in --output) or a checkpoint folder")
-    overwrite: bool = option(False, "replace a non-empty output folder")
+    overwrite: bool = option(False, "replace what an earlier run wrote in --output (other files are refused)")
+    allow_new_data: bool = option(False, "with --resume: continue on data that differs from the run's")
     method_options: dict = option({}, "the method's options", cli=False)
 
     def __post_init__(self) -> None:
@@ -90,16 +100,28 @@ def check_length(adapted, cutoff: int, virtual: int) -> None:
                               f"use --cutoff-len {limit - virtual} or less")
 
 
-def resume_dir(settings: TrainSettings, output: Path) -> Path | None:
+def resume_point(settings: TrainSettings, output: Path) -> tuple[Path | None, list[dict]]:
+    """(checkpoint to resume from, data the run trained on so far). `auto` skips damaged checkpoints
+    with a warning; data whose hash differs from the run's is refused unless --allow-new-data."""
     if not settings.resume:
-        return None
+        return None, []
     if settings.resume == "auto":
-        found = checkpoint_dirs(output)
-        return found[-1] if found else None  # nothing saved yet: start from the beginning
-    path = Path(settings.resume)
-    if not path.is_dir():
-        raise AdapterkitError(f"--resume {path}: no such checkpoint folder (or use --resume auto)")
-    return path
+        path = latest_good_checkpoint(output, warn)
+        if path is None:
+            return None, []  # nothing saved yet: start from the beginning
+    else:
+        path = Path(settings.resume)
+        if not path.is_dir():
+            raise AdapterkitError(f"--resume {path}: no such checkpoint folder (or use --resume auto)")
+    history = list(read_checkpoint(path)["state"]["position"].get("data") or [])
+    sha = data_sha256(settings.data)
+    if history and history[-1].get("sha256") != sha:
+        if not settings.allow_new_data:
+            raise AdapterkitError(f"--data {settings.data} differs from the data this run was trained on "
+                                  f"({history[-1].get('path')}); resume with the same data, or pass "
+                                  "--allow-new-data to continue on this file (run.json records both)")
+        warn(f"continuing the run on new data {settings.data} (--allow-new-data)")
+    return path, history
 
 
 def train(settings: TrainSettings) -> dict:
@@ -117,9 +139,12 @@ def _train(settings: TrainSettings, world: World) -> dict:
     settings.validate(world)
     config = method_config(settings.method, settings.method_options)
     output = Path(settings.output)
-    check_output(output, settings.overwrite, bool(settings.resume))
-    resume_from = resume_dir(settings, output)
+    check_output(output, settings.overwrite, bool(settings.resume), resumable=True)
     records = read_records(settings.data)[: settings.limit]
+    resume_from, data_history = resume_point(settings, output)
+    data_id = {"path": str(settings.data), "sha256": data_sha256(settings.data)}
+    if not data_history or data_history[-1]["sha256"] != data_id["sha256"]:
+        data_history.append(data_id)
     train_records, val_records = split_validation(records, settings.val_set_size, settings.seed)
     torch.manual_seed(settings.seed)
     model, tokenizer = load_model(settings.model, "bf16" if settings.precision == "bf16" else "fp32")
@@ -127,6 +152,9 @@ def _train(settings: TrainSettings, world: World) -> dict:
     template = Template(settings.template)
     encoded = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in train_records]
     val_encoded = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in val_records]
+    cut = check_cutoff(encoded, settings.cutoff_len)
+    if cut and world.main:
+        warn(cut)
     adapted = adapt(model, config, tokenizer=tokenizer)
     adapted.generation_info = generation_info(tokenizer, settings.template)
     record = adapted.records["default"]
@@ -160,14 +188,15 @@ def _train(settings: TrainSettings, world: World) -> dict:
     if resume_from is not None:
         state = load_checkpoint(resume_from, adapted, optimizer, scheduler)
         start, best = state["step"], state["position"]["best"]
-        metrics = [json.loads(line) for line in (resume_from / "metrics.jsonl").read_text().splitlines()]
+        metrics = state["metrics"] if state["metrics"] is not None else [  # checkpoints before 0.2 kept it beside
+            json.loads(line) for line in (resume_from / "metrics.jsonl").read_text().splitlines()]
     elif world.main and settings.overwrite and output.is_dir():
-        shutil.rmtree(output)  # asked for; every check on the input has passed by now
+        clear_outputs(output)  # only what adapterkit wrote; every check on the input has passed by now
     if world.main:
         print(f"{settings.method}: {adapted.report()}; {len(encoded)} train / {len(val_encoded)} validation "
               f"examples, {total} steps of {settings.batch_size}" + (f" on {world.size} processes" if
                                                                       world.size > 1 else ""), flush=True)
-        write_files(output, {"config.yaml": effective_yaml(settings, config)}, {})
+        write_files(output, {"config.yaml": effective_yaml(settings, config)}, {}, record=True)
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not world.main)
     started = time.time()
 
@@ -185,11 +214,11 @@ def _train(settings: TrainSettings, world: World) -> dict:
             if val_loss < best["val_loss"]:
                 best.update(val_loss=val_loss, step=step)
                 if world.main:
+                    note_outputs(output, ["best"])
                     adapted.save(output / "best")
         if world.main and (step % settings.save_steps == 0 or step == total):
-            path = save_checkpoint(output, step, adapted, optimizer, scheduler, {"best": best},
-                                   settings.save_total_limit)
-            write_files(path, {"metrics.jsonl": jsonl(metrics)}, {})
+            save_checkpoint(output, step, adapted, optimizer, scheduler, {"best": best, "data": data_history},
+                            settings.save_total_limit, texts={"metrics.jsonl": jsonl(metrics)})
 
     try:
         fit(adapted, my_micro_batches, start, total, optimizer, scheduler, params, world, per_step,
@@ -199,7 +228,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
     run = {}
     if world.main:
         run = finish_run(settings, config, adapted, output, metrics, best, total, world, len(encoded),
-                         len(val_encoded), time.time() - started)
+                         len(val_encoded), time.time() - started, data_history)
     return run
 
 

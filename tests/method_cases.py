@@ -1,0 +1,125 @@
+"""One case per registered method, keyed by its name in adapterkit.METHODS: how tests/test_families.py
+builds it on a tiny family and what it must then do.
+
+The expected parameter counts are written out from the method's definition and the tiny models'
+sizes (tests/tiny_models.py: hidden 32, 2 layers, 4 heads of 8, key/value heads as in KV_HEADS),
+not read back from adapterkit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tiny_models import HEADS, HIDDEN, LAYERS, tiny_model
+from torch import Tensor
+
+import adapterkit as ak
+from adapterkit.architectures import is_linear, linear_shape
+
+K = 4  # virtual tokens of the prompt methods
+BOTTLENECK = 8
+ENCODER = 16  # encoder / projection width of p-tuning and prefix-tuning
+HEAD_DIM = HIDDEN // HEADS
+# Key/value heads of each tiny family, from its config in tiny_models.py (grouped or multi-query).
+KV_HEADS = {"llama": 2, "mistral": 2, "qwen2": 2, "gemma": 1, "falcon": 1}
+
+
+def kv_width(family: str) -> int:
+    """One layer's keys for one token: key/value heads x head size."""
+    return KV_HEADS.get(family, HEADS) * HEAD_DIM
+
+
+def linear_params(n_in: int, n_out: int) -> int:
+    return n_in * n_out + n_out
+
+
+@dataclass(frozen=True)
+class MethodCase:
+    """The shared scenario's knobs for one method."""
+
+    config: Callable[[str], ak.AdapterConfig]      # family -> the config attached
+    starts_as_base: bool                           # exactly the base model's logits before training
+    trainable: Callable[[str, ak.AdaptedModel], int]  # (family, adapted) -> expected trainable parameters
+    lr: float
+    steps: int
+    loss_drop: float                               # the last loss must be this much below the first
+    mergeable: bool
+    check_attached: Callable[[str, ak.AdaptedModel], None] | None = None  # right after adapt
+    check_saved: Callable[[ak.AdaptedModel, dict[str, Tensor]], None] | None = None  # the saved tensors
+
+
+# ----- LoRA ---------------------------------------------------------------------------------------
+def _lora_config(family: str) -> ak.LoraConfig:
+    return ak.LoraConfig(r=4, alpha=8, target_modules="all-linear")
+
+
+def _lora_trainable(family: str, adapted) -> int:
+    """r x (in + out) per targeted linear layer (A is r x in, B is out x r)."""
+    return sum(4 * sum(linear_shape(adapted.base_model.get_submodule(p).base_layer)[:2])
+               for p in adapted.records["default"].parts)
+
+
+def _lora_targets(family: str, adapted) -> None:
+    """Default targets: query and value (or the fused qkv) of each layer; all-linear: every linear
+    layer of the decoder, not the head."""
+    arch = adapted.layout.arch
+    default = ak.adapt(tiny_model(family), ak.LoraConfig()).records["default"].parts
+    assert len(default) == LAYERS * (1 if arch.qkv else 2)
+    targets = adapted.records["default"].parts
+    assert len(targets) == LAYERS * (len(arch.mlp_in) + 2 + (1 if arch.qkv else 3))
+    assert "lm_head" not in targets
+    assert all(is_linear(adapted.base_model.get_submodule(p).base_layer) for p in targets)
+
+
+# ----- bottleneck adapters -------------------------------------------------------------------------
+def _bottleneck(config_class, per_layer: int) -> MethodCase:
+    """down d -> b and up b -> d with biases, `per_layer` adapters in each layer."""
+    return MethodCase(
+        config=lambda family: config_class(bottleneck_size=BOTTLENECK),
+        starts_as_base=True,  # identity init: the up-projection starts at zero
+        trainable=lambda family, adapted: per_layer * LAYERS * (linear_params(HIDDEN, BOTTLENECK)
+                                                                + linear_params(BOTTLENECK, HIDDEN)),
+        lr=3e-2, steps=30, loss_drop=0.1, mergeable=False)
+
+
+# ----- prompt methods ------------------------------------------------------------------------------
+def _prompt_final_saved(adapted, tensors: dict[str, Tensor]) -> None:
+    """The prompt in use is saved beside the weights, so inference needs no encoder."""
+    assert torch.equal(tensors["prompt.final"], adapted.input_hooks["default"].final().detach())
+
+
+def _prompt(config, trainable) -> MethodCase:
+    return MethodCase(config=config, starts_as_base=False, trainable=trainable, lr=5e-2, steps=30,
+                      loss_drop=0.02, mergeable=False, check_saved=_prompt_final_saved)
+
+
+def _p_tuning_trainable(family: str, adapted) -> int:
+    """k input embeddings, then an MLP d -> h -> h -> d."""
+    return K * HIDDEN + linear_params(HIDDEN, ENCODER) + linear_params(ENCODER, ENCODER) \
+        + linear_params(ENCODER, HIDDEN)
+
+
+def _prefix_tuning_trainable(family: str, adapted) -> int:
+    """k embeddings of one layer's key width w, then an MLP w -> h -> layers x (key, value) x w."""
+    w = kv_width(family)
+    return K * w + linear_params(w, ENCODER) + linear_params(ENCODER, LAYERS * 2 * w)
+
+
+CASES: dict[str, MethodCase] = {
+    "lora": MethodCase(config=_lora_config, starts_as_base=True, trainable=_lora_trainable, lr=1e-2, steps=30,
+                       loss_drop=0.25, mergeable=True, check_attached=_lora_targets),
+    "adapter-h": _bottleneck(ak.AdapterHConfig, per_layer=2),  # after attention and after the MLP
+    "adapter-p": _bottleneck(ak.AdapterPConfig, per_layer=1),  # after the MLP
+    "parallel": _bottleneck(ak.ParallelConfig, per_layer=1),   # beside the MLP
+    "prompt-tuning": _prompt(lambda family: ak.PromptTuningConfig(num_virtual_tokens=K),
+                             lambda family, adapted: K * HIDDEN),
+    "p-tuning": _prompt(lambda family: ak.PTuningConfig(num_virtual_tokens=K, encoder_hidden_size=ENCODER),
+                        _p_tuning_trainable),
+    "prefix-tuning": _prompt(
+        lambda family: ak.PrefixTuningConfig(num_virtual_tokens=K, encoder_hidden_size=ENCODER),
+        _prefix_tuning_trainable),
+    "p-tuning-v2": _prompt(lambda family: ak.PTuningV2Config(num_virtual_tokens=K),  # prefixes trained directly
+                           lambda family, adapted: K * LAYERS * 2 * kv_width(family)),
+}
