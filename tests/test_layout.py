@@ -28,7 +28,7 @@ LAYERS = [
     ("adapterkit.training",),
     ("adapterkit.io",),
     ("adapterkit.recipes",),
-    ("adapterkit.cli", "adapterkit.bench", "adapterkit.__main__", "adapterkit"),
+    ("adapterkit.cli", "adapterkit.aliases", "adapterkit.bench", "adapterkit.__main__", "adapterkit"),
 ]
 # The one call upward, made at run time only: AdaptedModel.save is a thin call into io.save.
 ALLOWED_UP = {("adapterkit.core", "adapterkit.io")}

@@ -4,7 +4,7 @@ from ._version import __version__  # noqa: F401
 from .architectures import ARCHITECTURES, Architecture, register_architecture  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
 from .core import AdaptedModel, adapt  # noqa: E402
-from .errors import AdapterkitError  # noqa: E402
+from .errors import AdapterkitError, AdapterkitWarning  # noqa: E402
 from .methods import METHODS, Method, get_method, register_method  # noqa: E402
 from .methods.bottleneck import AdapterHConfig, AdapterPConfig, ParallelConfig  # noqa: E402
 from .methods.lora import LoraConfig  # noqa: E402
@@ -29,7 +29,7 @@ def save(adapted, directory, name: str | None = None, format: str = "native"):
 
 __all__ = [
     "ARCHITECTURES", "DEFAULT_MODEL", "METHODS", "AdaptedModel", "AdapterConfig", "AdapterHConfig",
-    "AdapterPConfig", "AdapterkitError", "Architecture", "LoraConfig", "Method", "PTuningConfig",
+    "AdapterPConfig", "AdapterkitError", "AdapterkitWarning", "Architecture", "LoraConfig", "Method", "PTuningConfig",
     "PTuningV2Config", "ParallelConfig", "PrefixTuningConfig", "PromptTuningConfig", "adapt", "get_method",
     "load", "load_model", "register_architecture", "register_method", "save",
 ]

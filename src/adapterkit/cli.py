@@ -11,6 +11,7 @@ import re
 import sys
 import typing
 
+from .aliases import translate
 from .errors import AdapterkitError
 from .settings import Parser, convert, flag_of, from_mapping
 
@@ -233,6 +234,8 @@ def join_negative_numbers(argv: list[str]) -> list[str]:
 
 def parse(argv: list[str]) -> tuple[str, object]:
     """(command, its settings), or AdapterkitError / SystemExit (usage errors, --help)."""
+    if argv and argv[0] in ("train", "eval"):
+        argv = [argv[0], *translate(argv[0], argv[1:])]  # LLM-Adapters' own flags
     args = vars(build_parser().parse_args(join_negative_numbers(argv)))
     command = args.pop("command")
     if command == "methods":

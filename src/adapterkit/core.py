@@ -1,6 +1,6 @@
 """AdaptedModel: named adapters attached to a plain transformers model.
 
-The base model stays a transformers model inside (`adapted.base_model`); adapters sit in
+The base model stays a transformers model inside (`adapted.causal_lm`); adapters sit in
 `AdapterSite` wrappers at the modules they change. One notion of "adapter parameters"
 (`adapter_state_dict`) serves freezing, saving, loading and the trainable report.
 """
@@ -52,7 +52,7 @@ class AdaptedModel(nn.Module):
 
     def __init__(self, model: nn.Module, architecture: Architecture | None = None):
         super().__init__()
-        self.base_model = model
+        self.causal_lm = model
         self.layout = ModelLayout(model, architecture)
         self.state = AdapterState()
         self.records: dict[str, AdapterRecord] = {}
@@ -75,13 +75,13 @@ class AdaptedModel(nn.Module):
         parts = method.attach(self, config.for_loaded_weights() if weights_follow else config)
         if not parts:
             raise AdapterkitError(f"{config.method}: the config selects no module of this model")
-        device = next(self.base_model.parameters()).device
+        device = next(self.causal_lm.parameters()).device
         for path, part in parts.items():
             part.to(device)
             if isinstance(part, InputHook):
                 self.input_hooks[name] = part
             elif isinstance(part, Effect):
-                site_at(self.base_model, path, self.state).effects[name] = part
+                site_at(self.causal_lm, path, self.state).effects[name] = part
         record = AdapterRecord(name, config, parts)
         self.records[name] = record
         for p in self._parameters_of(record).values():
@@ -99,10 +99,10 @@ class AdaptedModel(nn.Module):
             if isinstance(part, InputHook):
                 del self.input_hooks[name]
                 continue
-            site = self.base_model.get_submodule(path)
+            site = self.causal_lm.get_submodule(path)
             del site.effects[name]
             if not site.effects and not site.checkpointed:
-                replace_module(self.base_model, path, site.base_layer)
+                replace_module(self.causal_lm, path, site.base_layer)
         del self.records[name]
         self.state.active = [n for n in self.state.active if n != name]
 
@@ -156,12 +156,16 @@ class AdaptedModel(nn.Module):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if self.training and self.is_gradient_checkpointing:
             kwargs.setdefault("use_cache", False)  # a growing cache would be appended to twice by recomputation
+        return self.run_with_adapters(self.causal_lm, kwargs, adapter_names)
+
+    def run_with_adapters(self, module: nn.Module, kwargs: dict, adapter_names: list[str | None] | None = None):
+        """Call the causal LM (or its decoder) with the running adapters, input hooks included."""
         with self._rows(adapter_names, _batch_size((), kwargs)):
             hook = self._running_input_hook()
             if hook is None:
-                return self.base_model(**kwargs)
+                return module(**kwargs)
             kwargs, added = hook.prepare(self, kwargs)
-            return strip_positions(self.base_model(**kwargs), added)
+            return strip_positions(module(**kwargs), added)
 
     def generate(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
         """`transformers` generate with the KV cache; `adapter_names` as in forward."""
@@ -170,7 +174,7 @@ class AdaptedModel(nn.Module):
         with self._rows(adapter_names, _batch_size((), kwargs)):
             hook = self._running_input_hook()
             if hook is None:
-                return self.base_model.generate(**kwargs)
+                return self.causal_lm.generate(**kwargs)
             return hook.generate(self, kwargs)
 
     def _running_input_hook(self) -> InputHook | None:
@@ -190,30 +194,43 @@ class AdaptedModel(nn.Module):
         """Recompute each decoder layer in backward. adapterkit's own (non-reentrant) checkpointing
         instead of transformers': that one drops the cache, and with it the prefixes of prefix methods."""
         for i in range(self.layout.shape.layers):
-            site_at(self.base_model, self.layout.layer_path(i), self.state).checkpointed = True
+            site_at(self.causal_lm, self.layout.layer_path(i), self.state).checkpointed = True
 
     def gradient_checkpointing_disable(self) -> None:
         for i in range(self.layout.shape.layers):
-            module = self.base_model.get_submodule(self.layout.layer_path(i))
+            module = self.causal_lm.get_submodule(self.layout.layer_path(i))
             if isinstance(module, AdapterSite):
                 module.checkpointed = False
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        first = self.base_model.get_submodule(self.layout.layer_path(0))
+        first = self.causal_lm.get_submodule(self.layout.layer_path(0))
         return isinstance(first, AdapterSite) and first.checkpointed
 
     @property
     def config(self):
-        return self.base_model.config
+        return self.causal_lm.config
+
+    @property
+    def base_model(self) -> Decoder:
+        """The decoder without its head, as transformers' models expose it: TRL's fused losses call
+        `model.base_model(...)` for `last_hidden_state`, then `get_output_embeddings()`. The wrapped
+        causal LM itself is `causal_lm` (or `get_base_model()`, PEFT's name)."""
+        return Decoder(self)
+
+    def get_decoder(self) -> Decoder:
+        return Decoder(self)
+
+    def get_base_model(self) -> nn.Module:
+        return self.causal_lm
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "causal_lm":
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.causal_lm, name)
 
     # ----- parameters -----------------------------------------------------------------------
     def _record(self, name: str) -> AdapterRecord:
@@ -309,11 +326,11 @@ class AdaptedModel(nn.Module):
                 f"(e.g. at {not_mergeable[0]}); use it unmerged, or train a mergeable method (see `adapterkit methods`)")
         tied = self._tied_parameters()
         for path, part in record.parts.items():
-            if part.replaces_base and any(id(p) in tied for p in base_module(self.base_model, path).parameters()):
+            if part.replaces_base and any(id(p) in tied for p in base_module(self.causal_lm, path).parameters()):
                 raise AdapterkitError(f"{path} shares its weight with another module (tied embeddings): merging "
                                       f"its trained copy would change both; keep adapter {name!r} unmerged")
         for path, part in record.parts.items():
-            site = self.base_model.get_submodule(path)
+            site = self.causal_lm.get_submodule(path)
             part.merge_into(site.base_layer, +1.0)
             site.merged.append(name)
         record.merged = True
@@ -321,7 +338,7 @@ class AdaptedModel(nn.Module):
     def _tied_parameters(self) -> set[int]:
         """ids of base parameters registered under more than one module."""
         owners: dict[int, int] = {}
-        for _, module in logical_modules(self.base_model):
+        for _, module in logical_modules(self.causal_lm):
             for p in module.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
         return {key for key, count in owners.items() if count > 1}
@@ -333,7 +350,7 @@ class AdaptedModel(nn.Module):
         if not record.merged:
             raise AdapterkitError(f"adapter {name!r} is not merged")
         for path, part in record.parts.items():
-            site = self.base_model.get_submodule(path)
+            site = self.causal_lm.get_submodule(path)
             part.merge_into(site.base_layer, -1.0)
             site.merged.remove(name)
         record.merged = False
@@ -344,14 +361,14 @@ class AdaptedModel(nn.Module):
             if not self.records[name].merged:
                 self.merge(name)
         for path, _ in list(self.sites()):
-            replace_module(self.base_model, path, self.base_model.get_submodule(path).base_layer)
+            replace_module(self.causal_lm, path, self.causal_lm.get_submodule(path).base_layer)
         self.records.clear()
         self.state.active = []
-        return self.base_model
+        return self.causal_lm
 
     def sites(self) -> Iterator[tuple[str, AdapterSite]]:
-        for path, module in logical_modules(self.base_model):
-            wrapper = self.base_model.get_submodule(path)
+        for path, module in logical_modules(self.causal_lm):
+            wrapper = self.causal_lm.get_submodule(path)
             if isinstance(wrapper, AdapterSite) and wrapper.base_layer is module:
                 yield path, wrapper
 
@@ -362,6 +379,24 @@ class AdaptedModel(nn.Module):
         from .io import save
 
         return save(self, directory, name or self._single_name())
+
+
+class Decoder:
+    """The causal LM's decoder (transformers' `base_model`) called with the adapted model's running
+    adapters, input hooks included, so callers that take hidden states and apply the head themselves
+    (TRL's chunked and fused losses) get what the adapted model computes. Other attributes are the
+    decoder's own."""
+
+    def __init__(self, adapted: AdaptedModel):
+        self._adapted = adapted
+
+    def __call__(self, *args, adapter_names: list[str | None] | None = None, **kwargs):
+        if args:
+            kwargs["input_ids"] = args[0]
+        return self._adapted.run_with_adapters(self._adapted.causal_lm.base_model, kwargs, adapter_names)
+
+    def __getattr__(self, name: str):
+        return getattr(self._adapted.causal_lm.base_model, name)
 
 
 def _batch_size(args, kwargs) -> int | None:

@@ -103,12 +103,13 @@ def _one(text: str, hint: Any) -> Any:
         return text
     if origin is list:
         (item,) = typing.get_args(hint) or (str,)
-        if text.strip().startswith("["):
+        if text.strip().startswith("[") and '"' in text:
             values = json.loads(text)
             if not isinstance(values, list):
                 raise ValueError("expected a list")
             return [_one(str(v), item) if not isinstance(v, item) else v for v in values]
-        return [_one(part.strip(), item) for part in text.split(",") if part.strip()]
+        text = text.strip().removeprefix("[").removesuffix("]")  # [a,b] as python-fire scripts take it
+        return [_one(part.strip().strip("'"), item) for part in text.split(",") if part.strip()]
     if origin is dict:
         if text.strip().startswith("{"):
             value = json.loads(text)

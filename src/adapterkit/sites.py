@@ -64,6 +64,8 @@ def strip_positions(output, k: int):
         output.logits = output.logits[:, k:]
     if getattr(output, "hidden_states", None) is not None:
         output.hidden_states = tuple(h[:, k:] for h in output.hidden_states)
+    if getattr(output, "last_hidden_state", None) is not None:
+        output.last_hidden_state = output.last_hidden_state[:, k:]
     return output
 
 

@@ -33,9 +33,19 @@ def writing(path: Path) -> Iterator[None]:
                               "another --output (the last complete files are kept)") from exc
 
 
+def usual_mode(path: Path) -> None:
+    """Give a file (or every file under a folder) the mode the umask gives new files (0644 by default):
+    safetensors writes 0600, which another user or a serving container cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in [p for p in Path(path).rglob("*") if p.is_file()] if Path(path).is_dir() else [Path(path)]:
+        os.chmod(file, 0o666 & ~mask)
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     with writing(path):
         save_file(tensors, str(path), metadata={"format": "pt"})
+        usual_mode(path)
 
 
 def write_files(directory: Path, texts: dict[str, str], tensor_files: dict[str, dict[str, torch.Tensor]],

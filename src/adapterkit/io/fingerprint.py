@@ -30,10 +30,14 @@ def _vocab_columns(vocab_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _logits(adapted, ids: torch.Tensor) -> torch.Tensor:
-    was_training = adapted.base_model.training
+    was_training = adapted.causal_lm.training
     adapted.eval()
+    device = next(adapted.causal_lm.parameters()).device
     try:
-        logits = adapted(input_ids=ids.to(next(adapted.base_model.parameters()).device)).logits.float().cpu()
+        # The class's own forward, autocast off: a mixed-precision wrapper that training left on the
+        # instance (accelerate's, under HF Trainer bf16=True) would otherwise round the probe logits.
+        with torch.autocast(device.type, enabled=False):
+            logits = type(adapted).forward(adapted, input_ids=ids.to(device)).logits.float().cpu()
     finally:
         adapted.train(was_training)
     return logits[0, list(PROBE_POSITIONS)]
@@ -41,7 +45,7 @@ def _logits(adapted, ids: torch.Tensor) -> torch.Tensor:
 
 def compute(adapted, name: str) -> dict:
     """The fingerprint of adapter `name` alone: probe logits with it and without any adapter."""
-    vocab = adapted.base_model.config.vocab_size
+    vocab = adapted.causal_lm.config.vocab_size
     ids = probe_ids(vocab)
     previous = adapted.active
     adapted.set_active(name)
@@ -54,7 +58,7 @@ def compute(adapted, name: str) -> dict:
     columns = _vocab_columns(vocab)
     return {
         "probe_ids": ids[0].tolist(), "positions": list(PROBE_POSITIONS), "vocab_columns": columns.tolist(),
-        "dtype": str(next(adapted.base_model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(next(adapted.causal_lm.parameters()).dtype).removeprefix("torch."),
         "adapted": with_adapter[:, columns].tolist(), "base": base[:, columns].tolist(),
         "adapted_argmax": with_adapter.argmax(-1).tolist(),
         "max_change": (with_adapter - base).abs().max().item(),
@@ -79,7 +83,7 @@ def check(adapted, name: str, saved: dict | None, trained_steps: int = 0) -> dic
     """Recompute and compare; raises with one clear line on drift or a no-op adapter. Returns the
     recomputed fingerprint with `drift` (relative to the saved adapted logits)."""
     now = compute(adapted, name)
-    dtype = next(adapted.base_model.parameters()).dtype
+    dtype = next(adapted.causal_lm.parameters()).dtype
     saved_dtype = _saved_dtype(saved) if isinstance(saved, dict) else dtype
     tolerance = max(TOLERANCE.get(dtype, 5e-2), TOLERANCE.get(saved_dtype, 5e-2))
     if saved:

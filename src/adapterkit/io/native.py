@@ -50,7 +50,7 @@ def config_from_json(data: dict[str, Any]) -> AdapterConfig:
 
 def base_identity(adapted) -> dict[str, Any]:
     """What identifies a base model: family, sizes, and hashes of its config (and vocabulary)."""
-    model, tokenizer = adapted.base_model, adapted.tokenizer
+    model, tokenizer = adapted.causal_lm, adapted.tokenizer
     config = model.config
     stable = {k: v for k, v in sorted(config.to_dict().items()) if k not in _VOLATILE_CONFIG_KEYS}
     identity = {
@@ -73,6 +73,9 @@ def save_adapter(adapted, directory: Path, name: str) -> Path:
     record = adapted.records[name]
     if record.merged:
         raise AdapterkitError(f"adapter {name!r} is merged into the base weights: unmerge() it before saving")
+    if "forward" in vars(adapted):
+        warn("the model's forward is wrapped (a mixed-precision wrapper left by training, e.g. HF Trainer with "
+             "bf16=True); the fingerprint is taken on the unwrapped model in its loaded dtype")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapted.adapter_state_dict(name).items()}
     check_tensors(tensors)
     parameters = sum(t.numel() for t in tensors.values())
@@ -217,7 +220,7 @@ def load_adapter(adapted, directory: str | Path, name: str = "default", trainabl
     config = config_from_json(meta)
     check_loadable(meta, tensors, force)
     check_base(meta.get("base_model"), base_identity(adapted), force)
-    missing = missing_modules(meta, adapted.base_model)
+    missing = missing_modules(meta, adapted.causal_lm)
     if missing:
         raise AdapterkitError(f"the adapter was attached to {missing[0]}, which this model lacks "
                               f"({len(missing)} module(s) missing); it belongs to another base model")

@@ -221,7 +221,7 @@ def to_peft(adapted, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     config = record.config
     refuse_unexportable(config)
     common = {"peft_type": PEFT_TYPES[config.method], "task_type": "CAUSAL_LM", "inference_mode": True,
-              "base_model_name_or_path": getattr(adapted.base_model.config, "_name_or_path", None) or None}
+              "base_model_name_or_path": getattr(adapted.causal_lm.config, "_name_or_path", None) or None}
     if isinstance(config, LoraConfig):
         return _lora_to_peft(config, record.parts, common)
     return _prompt_to_peft(config, record.parts[INPUTS], adapted.layout.shape, common)
@@ -278,7 +278,7 @@ def check_round_trip(adapted, name: str, meta: dict, tensors: dict[str, torch.Te
     finally:
         adapted.delete(_CHECK_NAME)
     drift = fingerprint.relative_drift(got, want)
-    tolerance = fingerprint.TOLERANCE.get(next(adapted.base_model.parameters()).dtype, 5e-2) / 10
+    tolerance = fingerprint.TOLERANCE.get(next(adapted.causal_lm.parameters()).dtype, 5e-2) / 10
     if not drift <= tolerance:
         raise AdapterkitError(f"the PEFT files read back give logits that drift by {drift:.3g} from the "
                               f"adapter's (> {tolerance:g}); nothing written")

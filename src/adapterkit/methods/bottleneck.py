@@ -246,7 +246,7 @@ def llm_adapters_placement(arch, config: BottleneckConfig) -> tuple[list[str], s
 
 def attach_bottleneck(adapted, config: BottleneckConfig) -> dict[str, nn.Module]:
     layout = adapted.layout
-    model = adapted.base_model
+    model = adapted.causal_lm
     hidden = layout.shape.hidden
     layers = layout.layer_indices(config.layers)
     targets, position = config.target_modules, config.position

@@ -115,7 +115,9 @@ class LoraEffect(Effect):
 
     def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = cast_for_adapter(self.dropout(x), self.lora_A)
-        delta = F.linear(F.linear(h, self.lora_A) * self.scaling, self.lora_B, self.lora_bias)
+        delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling  # PEFT's order: its logits to 1e-6
+        if self.lora_bias is not None:
+            delta = delta + self.lora_bias
         return y + delta.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -151,7 +153,7 @@ class DoraEffect(LoraEffect):
 
     def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = cast_for_adapter(self.dropout(x), self.lora_A)
-        lora = F.linear(F.linear(h, self.lora_A) * self.scaling, self.lora_B)
+        lora = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
         weight = self._weight(lora.dtype)
         scale = self.magnitude.to(lora.dtype) / self._weight_norm(weight).detach()
         if isinstance(self.dropout, nn.Identity) or not self.training:
@@ -245,7 +247,7 @@ def _add_checked(target: torch.Tensor, delta: torch.Tensor) -> None:
 def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
     layout = adapted.layout
     layer_paths = [layout.layer_path(i) for i in layout.layer_indices(config.layers)]
-    model = adapted.base_model
+    model = adapted.causal_lm
     if config.target_modules is None:
         paths = [path for i in layout.layer_indices(config.layers) for path in layout.query_sites(i)]
     else:

@@ -212,7 +212,7 @@ class Prefix(PromptPart):
 def _init_token_ids(adapted, init: str, text: str | None, k: int) -> torch.Tensor:
     """k token ids for a vocab or text init: random vocabulary tokens, or the text repeated or cut."""
     if init == "vocab":
-        return torch.randint(0, adapted.base_model.get_input_embeddings().num_embeddings, (k,))
+        return torch.randint(0, adapted.causal_lm.get_input_embeddings().num_embeddings, (k,))
     if adapted.tokenizer is None:
         raise AdapterkitError("a text init needs the tokenizer: adapt(model, config, tokenizer=...)")
     tokens = adapted.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -225,7 +225,7 @@ def _init_embeddings(adapted, config: PromptTuningConfig, dim: int) -> torch.Ten
     if config.prompt_init == "random":
         return torch.randn(config.num_virtual_tokens, dim) * 0.02
     ids = _init_token_ids(adapted, config.prompt_init, config.init_text, config.num_virtual_tokens)
-    embeddings = adapted.base_model.get_input_embeddings()
+    embeddings = adapted.causal_lm.get_input_embeddings()
     with torch.no_grad():  # through the module, so scaled embeddings (Gemma) come out as the model sees them
         return embeddings(ids.to(embeddings.weight.device)).float().cpu()
 
@@ -234,7 +234,7 @@ def _init_prefixes(adapted, config: PrefixTuningConfig, part: Prefix) -> None:
     """Set the prefixes to the keys/values the base model itself caches for k tokens: the adapted
     model then starts as the base model reading those tokens first."""
     ids = _init_token_ids(adapted, config.initial_prefixes(), config.init_text, part.k)
-    base = adapted.base_model
+    base = adapted.causal_lm
     training = base.training
     base.eval()
     with torch.no_grad(), adapted.disabled():
@@ -247,7 +247,7 @@ def _init_prefixes(adapted, config: PrefixTuningConfig, part: Prefix) -> None:
 
 
 def attach_prompt(adapted, config: PromptConfig) -> dict[str, nn.Module]:
-    dim = adapted.base_model.get_input_embeddings().embedding_dim
+    dim = adapted.causal_lm.get_input_embeddings().embedding_dim
     k = config.num_virtual_tokens
     if isinstance(config, PromptTuningConfig):
         part: PromptPart = VirtualTokens(k, _init_embeddings(adapted, config, dim))
@@ -317,13 +317,13 @@ def prompt_inputs(adapted, part: PromptPart, kwargs: dict[str, Any]) -> tuple[di
     kwargs = dict(kwargs)
     kwargs["attention_mask"] = _extend_mask(kwargs.get("attention_mask"), batch, length, k, device)
     if part.kind == "prefix":
-        dtype = next(adapted.base_model.parameters()).dtype
+        dtype = next(adapted.causal_lm.parameters()).dtype
         kwargs["cache"] = prefix_cache(part, batch, dtype, adapted.training)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + k
         return kwargs, 0
     if embeds is None:
-        embeds = adapted.base_model.get_input_embeddings()(kwargs.pop("input_ids"))
+        embeds = adapted.causal_lm.get_input_embeddings()(kwargs.pop("input_ids"))
     virtual = part.final().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
     kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
     if kwargs.get("labels") is not None:
@@ -352,8 +352,8 @@ def prompt_generate(adapted, part: PromptPart, kwargs: dict[str, Any]):
         # The prefixes live in the cache: without it (use_cache=False, or a model whose generation
         # config turns it off) generate would recompute without them. Generation always keeps it.
         inputs["use_cache"] = True
-        return adapted.base_model.generate(**inputs)
-    out = adapted.base_model.generate(**inputs)  # given inputs_embeds only, generate returns the new tokens
+        return adapted.causal_lm.generate(**inputs)
+    out = adapted.causal_lm.generate(**inputs)  # given inputs_embeds only, generate returns the new tokens
     return torch.cat([ids, out], dim=1)
 
 

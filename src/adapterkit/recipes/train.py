@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from ..settings import check_fields, option
 from ..training import causal_lm_loss, fit, make_optimizer
 from ..training.distributed import World, barrier, finish, init_world, sum_across
 from .common import generation_info
+from .reporting import REPORTERS, check_reporter, make_reporter
 from .run_files import effective_yaml, finish_run, jsonl
 
 
@@ -66,6 +67,9 @@ class TrainSettings:
     seed: int = option(42, "seed of the data order, the validation split and the adapter's start", minimum=0)
     precision: str = option("fp32", "fp32, or bf16 (bf16 base + autocast, fp32 adapter)", choices=("fp32", "bf16"))
     resume: str | None = option(None, "'auto' (latest checkpoint in --output) or a checkpoint folder")
+    report_to: str = option("none", "also log metrics to tensorboard, wandb (offline) or mlflow (a local store)",
+                            choices=REPORTERS)
+    gradient_checkpointing: bool = option(False, "recompute each layer in backward: less memory, slower steps")
     overwrite: bool = option(False, "replace what an earlier run wrote in --output (other files are refused)")
     allow_new_data: bool = option(False, "with --resume: continue on data that differs from the run's")
     method_options: dict = option({}, "the method's options", cli=False)
@@ -140,6 +144,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
     config = method_config(settings.method, settings.method_options)
     output = Path(settings.output)
     check_output(output, settings.overwrite, bool(settings.resume), resumable=True)
+    check_reporter(settings.report_to)
     records = read_records(settings.data)[: settings.limit]
     resume_from, data_history = resume_point(settings, output)
     data_id = {"path": str(settings.data), "sha256": data_sha256(settings.data)}
@@ -158,6 +163,8 @@ def _train(settings: TrainSettings, world: World) -> dict:
     adapted = adapt(model, config, tokenizer=tokenizer)
     adapted.generation_info = generation_info(tokenizer, settings.template)
     record = adapted.records["default"]
+    if settings.gradient_checkpointing:
+        adapted.gradient_checkpointing_enable()
     check_length(adapted, settings.cutoff_len, getattr(config, "num_virtual_tokens", 0))
 
     micro, per_step = settings.micro_batch_size, settings.batch_size // settings.micro_batch_size
@@ -198,6 +205,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
                                                                       world.size > 1 else ""), flush=True)
         write_files(output, {"config.yaml": effective_yaml(settings, config)}, {}, record=True)
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not world.main)
+    reporter = make_reporter(settings.report_to if world.main else "none", output, asdict(settings))
     started = time.time()
 
     def after_step(step: int, loss: float, tokens: int) -> None:
@@ -205,12 +213,14 @@ def _train(settings: TrainSettings, world: World) -> dict:
         elapsed = time.time() - started
         metrics.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                         "seconds": round(elapsed, 3)})
+        reporter.log({"train/loss": loss, "train/lr": metrics[-1]["lr"]}, step)
         seen = sum(m.get("tokens", 0) for m in metrics if m["step"] > start)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{seen / max(elapsed, 1e-9):.0f}")
         bar.update(1)
         if val_encoded and (step % settings.eval_steps == 0 or step == total):
             val_loss = validation_loss(adapted, val_encoded, micro, tokenizer.pad_token_id, world, autocast)
             metrics.append({"step": step, "val_loss": val_loss})
+            reporter.log({"eval/loss": val_loss}, step)
             if val_loss < best["val_loss"]:
                 best.update(val_loss=val_loss, step=step)
                 if world.main:
@@ -225,6 +235,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
             autocast=autocast, after_step=after_step)
     finally:
         bar.close()  # before any error line, so that line is the last one printed
+        reporter.close()
     run = {}
     if world.main:
         run = finish_run(settings, config, adapted, output, metrics, best, total, world, len(encoded),

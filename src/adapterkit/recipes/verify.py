@@ -75,7 +75,7 @@ def verify(settings: VerifySettings, report: Callable[[str], None] = print) -> b
         return name
 
     def modules():
-        missing = missing_modules(state["meta"], state["adapted"].base_model)
+        missing = missing_modules(state["meta"], state["adapted"].causal_lm)
         if missing:
             raise AdapterkitError(f"{len(missing)} recorded module(s) missing, e.g. {missing[0]}")
         return f"{len(state['meta'].get('modules', []))} modules present"

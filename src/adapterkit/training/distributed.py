@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import AdapterkitError
+
 
 @dataclass(frozen=True)
 class World:
@@ -24,8 +26,24 @@ class World:
         return self.rank == 0
 
 
+def launcher_mismatch(env: dict) -> str | None:
+    """Why a launcher that asked for several processes started only this one, if it did.
+
+    `accelerate launch --num_processes N --cpu` runs a single process (its simple launcher) and sets
+    MASTER_ADDR for the group it never starts; training then would silently run alone.
+    """
+    if "WORLD_SIZE" not in env and env.get("ACCELERATE_USE_CPU") and "MASTER_ADDR" in env:
+        return ("accelerate launch --cpu started one process although --num_processes asked for more (its CPU "
+                "mode does not spawn them); run `torchrun --nproc_per_node N -m adapterkit train ...`, or "
+                "pass --num_processes 1")
+    return None
+
+
 def init_world() -> World:
     """One process, or join the group the launcher described in the environment."""
+    mismatch = launcher_mismatch(dict(os.environ))
+    if mismatch:
+        raise AdapterkitError(mismatch)
     size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
