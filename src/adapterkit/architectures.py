@@ -24,6 +24,10 @@ class Architecture:
     mlp_out: the sub-layers' output projections; mlp_in: the projections reading the MLP's input.
     heads/hidden: config attribute names (the first one present counts); kv_heads: a config
     attribute name or a function of the config; positions: attributes that bound the length.
+    Mixture-of-experts rows: mlp_out is the MoE block itself (its output is the MLP sub-layer's
+    output), mlp_in is empty, experts the module holding the fused 3-D expert weights, router the
+    gate, experts_layout how those weights are stored: "out_in" [experts, out, in] or "in_out".
+    gguf: llama.cpp's name of the architecture (gguf.MODEL_ARCH_NAMES), None where it has none.
     """
 
     layers: str
@@ -40,6 +44,10 @@ class Architecture:
     kv_heads: str | Callable | None = None
     hidden: tuple[str, ...] = ("hidden_size",)
     positions: tuple[str, ...] = ()  # config attributes that bound the sequence length (learned positions)
+    experts: str | None = None
+    router: str | None = None
+    experts_layout: str = "out_in"
+    gguf: str | None = None
 
     def query_roles(self) -> tuple[str, ...]:
         """The projections a default LoRA targets: query and value, or the fused projection."""
@@ -47,7 +55,8 @@ class Architecture:
 
     def layer_roles(self) -> tuple[str, ...]:
         """Every role that names a module inside a layer (for validation)."""
-        return ("attention", "attn_out", "mlp_out") + (("qkv",) if self.qkv else ("q", "k", "v"))
+        return ("attention", "attn_out", "mlp_out") + (("qkv",) if self.qkv else ("q", "k", "v")) + tuple(
+            role for role in ("experts", "router") if getattr(self, role))
 
 
 def _llama_like(**kw) -> Architecture:
@@ -67,21 +76,26 @@ def _falcon_kv_heads(config) -> int:
     return 1
 
 
+def _moe(**kw) -> Architecture:
+    """A LLaMA-shaped attention with a mixture-of-experts block as its MLP."""
+    return _llama_like(**{"mlp_in": (), "mlp_out": "mlp", "experts": "mlp.experts", "router": "mlp.gate", **kw})
+
+
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": _llama_like(),
-    "mistral": _llama_like(),
-    "qwen2": _llama_like(),
-    "gemma": _llama_like(),
-    "phi": _llama_like(attn_out="self_attn.dense", mlp_in=("mlp.fc1",), mlp_out="mlp.fc2"),
+    "llama": _llama_like(gguf="llama"),
+    "mistral": _llama_like(gguf="llama"),
+    "qwen2": _llama_like(gguf="qwen2"),
+    "gemma": _llama_like(gguf="gemma"),
+    "phi": _llama_like(attn_out="self_attn.dense", mlp_in=("mlp.fc1",), mlp_out="mlp.fc2", gguf="phi2"),
     "gpt2": Architecture(
         layers="transformer.h", embeddings="transformer.wte", attention="attn",
         qkv="attn.c_attn", attn_out="attn.c_proj", mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj",
-        heads=("n_head",), hidden=("n_embd",), positions=("n_positions",),
+        heads=("n_head",), hidden=("n_embd",), positions=("n_positions",), gguf="gpt2",
     ),
     "gptj": Architecture(
         layers="transformer.h", embeddings="transformer.wte", attention="attn",
-        q="attn.q_proj", k="attn.k_proj", v="attn.v_proj", attn_out="attn.out_proj", mlp_in=("mlp.fc_in",), mlp_out="mlp.fc_out",
-        heads=("n_head",), hidden=("n_embd",),
+        q="attn.q_proj", k="attn.k_proj", v="attn.v_proj", attn_out="attn.out_proj",
+        mlp_in=("mlp.fc_in",), mlp_out="mlp.fc_out", heads=("n_head",), hidden=("n_embd",), gguf="gptj",
     ),
     "gpt_neo": Architecture(
         layers="transformer.h", embeddings="transformer.wte", attention="attn.attention",
@@ -91,22 +105,43 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "gpt_neox": Architecture(
         layers="gpt_neox.layers", embeddings="gpt_neox.embed_in", attention="attention",
-        qkv="attention.query_key_value", attn_out="attention.dense", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
+        qkv="attention.query_key_value", attn_out="attention.dense", mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h", gguf="gptneox",
     ),
     "opt": Architecture(
         layers="model.decoder.layers", embeddings="model.decoder.embed_tokens", attention="self_attn",
-        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", attn_out="self_attn.out_proj", mlp_in=("fc1",), mlp_out="fc2", positions=("max_position_embeddings",),
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", attn_out="self_attn.out_proj",
+        mlp_in=("fc1",), mlp_out="fc2", positions=("max_position_embeddings",),
     ),
     "bloom": Architecture(
         layers="transformer.h", embeddings="transformer.word_embeddings", attention="self_attention",
-        qkv="self_attention.query_key_value", attn_out="self_attention.dense", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
-        heads=("n_head",),
+        qkv="self_attention.query_key_value", attn_out="self_attention.dense", mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h", heads=("n_head",), gguf="bloom",
     ),
     "falcon": Architecture(
         layers="transformer.h", embeddings="transformer.word_embeddings", attention="self_attention",
-        qkv="self_attention.query_key_value", attn_out="self_attention.dense", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
-        kv_heads=_falcon_kv_heads,
+        qkv="self_attention.query_key_value", attn_out="self_attention.dense", mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h", kv_heads=_falcon_kv_heads, gguf="falcon",
     ),
+    # Today's dense families. Qwen3, OLMo 2 and Gemma 3 add q/k norms inside attention; Gemma 2/3 add
+    # post-sub-layer norms (the attn_out/mlp_out outputs are taken before them); OLMo 2 has only
+    # post-norms, so its MLP input is the raw residual stream.
+    "qwen3": _llama_like(gguf="qwen3"),
+    "gemma2": _llama_like(gguf="gemma2"),
+    "gemma3_text": _llama_like(gguf="gemma3"),
+    "phi3": _llama_like(q=None, k=None, v=None, qkv="self_attn.qkv_proj", mlp_in=("mlp.gate_up_proj",), gguf="phi3"),
+    "olmo2": _llama_like(gguf="olmo2"),
+    "smollm3": _llama_like(gguf="smollm3"),
+    "stablelm": _llama_like(gguf="stablelm"),
+    "granite": _llama_like(gguf="granite"),
+    "starcoder2": _llama_like(mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj", gguf="starcoder2"),
+    "cohere": _llama_like(gguf="command-r"),
+    # Mixture of experts: fused expert weights in transformers 5.
+    "mixtral": _moe(gguf="llama"),
+    "qwen2_moe": _moe(gguf="qwen2moe"),
+    "qwen3_moe": _moe(gguf="qwen3moe"),
+    "olmoe": _moe(gguf="olmoe"),
+    "gpt_oss": _moe(router="mlp.router", experts_layout="in_out", gguf="gpt-oss"),
 }
 
 
@@ -116,8 +151,10 @@ def register_architecture(model_type: str, architecture: Architecture, replace: 
         raise AdapterkitError(f"architecture {model_type!r} is already registered; pass replace=True to change it")
     if not isinstance(architecture, Architecture):
         raise AdapterkitError(f"register_architecture takes an Architecture, got {type(architecture).__name__}")
-    if not isinstance(architecture.mlp_in, tuple) or not architecture.mlp_in:
-        raise AdapterkitError("architecture field 'mlp_in' must be a non-empty tuple of module paths")
+    if not isinstance(architecture.mlp_in, tuple):
+        raise AdapterkitError("architecture field 'mlp_in' must be a tuple of module paths (empty for a MoE block)")
+    if architecture.experts_layout not in ("out_in", "in_out"):
+        raise AdapterkitError("architecture field 'experts_layout' must be out_in or in_out")
     ARCHITECTURES[model_type] = architecture
 
 
@@ -193,8 +230,12 @@ class ModelLayout:
         return [self.site(index, role) for role in self.arch.query_roles()]
 
     def input_site(self, index: int, sublayer: str) -> str:
-        """The first module reading a sub-layer's normalised input: sublayer "attn_in" or "mlp_in"."""
-        relative = self.arch.mlp_in[0] if sublayer == "mlp_in" else (self.arch.qkv or self.arch.q)
+        """The first module reading a sub-layer's normalised input: sublayer "attn_in" or "mlp_in". A MoE
+        block has no input projection of its own: the block itself (its input is the sub-layer's)."""
+        if sublayer == "mlp_in":
+            relative = self.arch.mlp_in[0] if self.arch.mlp_in else self.arch.mlp_out
+        else:
+            relative = self.arch.qkv or self.arch.q
         return f"{self.layer_path(index)}.{relative}"
 
     def layer_indices(self, layers: list[int] | None) -> list[int]:

@@ -102,13 +102,22 @@ def read_text(path: Path) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise AdapterkitError(f"{path}: cannot read it ({exc.strerror})") from exc
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if _looks_utf16(data):
         raise AdapterkitError(f"{path} is UTF-16 text; save it as UTF-8")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         kind = "binary data" if b"\x00" in data[:4096] else "not UTF-8 text (latin-1 or another encoding?)"
         raise AdapterkitError(f"{path}: {kind} at byte {exc.start}; data files must be UTF-8 JSON or JSONL") from exc
+
+
+def _looks_utf16(data: bytes) -> bool:
+    """A UTF-16 byte-order mark, or (without one) text whose every other byte is zero, as ASCII in UTF-16 is."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    head = data[:4096]
+    half = len(head) // 2
+    return half >= 2 and max(head[0::2].count(0), head[1::2].count(0)) >= 0.9 * half
 
 
 def data_sha256(path: str | Path) -> str:

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import AdapterkitError
+
 
 class Effect(nn.Module):
     """One adapter's contribution at one site. Subclasses override what they change."""
@@ -21,6 +23,7 @@ class Effect(nn.Module):
     acts_on_output = False   # transform the site's output
     replaces_base = False    # run instead of the base module (a trained copy)
     mergeable = False
+    row_wise = True          # its input keeps the batch rows on dim 0, so a mixed batch can give it some rows
 
     def on_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -165,6 +168,9 @@ class AdapterSite(nn.Module):
                                    "them or running a mixed batch")
             return self.base_layer(x, *args, **kwargs)
         effects = [(self.effects[n], self._state.rows_of(n, x.device)) for n in names]
+        if any(rows is not None and not effect.row_wise for effect, rows in effects):
+            raise AdapterkitError("a mixed batch cannot include adapters on mixture-of-experts weights (the experts "
+                                  "see routed tokens, not batch rows); run those rows as their own batch")
         x_in = x
         for effect, rows in effects:
             if effect.acts_on_input:
@@ -178,13 +184,16 @@ class AdapterSite(nn.Module):
         for effect, rows in replacing:
             if rows is not None:
                 y = y.index_copy(0, rows, effect.replacement(x_in.index_select(0, rows), *args, **kwargs).to(y.dtype))
+        extra = ()
+        if isinstance(y, tuple):  # (hidden, router scores) from some MoE blocks: adapters act on the first
+            y, extra = y[0], y[1:]
         for effect, rows in effects:
             if effect.acts_on_output:
                 if rows is None:
                     y = effect.on_output(x_in, y)
                 else:
                     y = y.index_copy(0, rows, effect.on_output(x_in.index_select(0, rows), y.index_select(0, rows)))
-        return y
+        return (y, *extra) if extra else y
 
 
 def _on_rows(x: torch.Tensor, rows: torch.Tensor | None, fn) -> torch.Tensor:

@@ -73,7 +73,7 @@ def _saved_dtype(saved: dict) -> torch.dtype:
     """The dtype a fingerprint was taken in: only the listed ones, so a file cannot widen the tolerance."""
     name = saved.get("dtype", "float32")
     names = {str(d).removeprefix("torch."): d for d in TOLERANCE}
-    if name not in names:
+    if not isinstance(name, str) or name not in names:
         raise AdapterkitError(f"the saved fingerprint has dtype {name!r}; adapterkit writes one of "
                               f"{', '.join(sorted(names))}: the adapter file was altered")
     return names[name]

@@ -39,7 +39,10 @@ def config_from_json(data: dict[str, Any]) -> AdapterConfig:
     if not isinstance(data, dict) or "method" not in data or "config" not in data:
         raise AdapterkitError("adapter_config.json lacks 'method' or 'config'; it was not written by adapterkit")
     version = data.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise AdapterkitError(f"adapter_config.json: format_version must be an integer from 1 to {FORMAT_VERSION}, "
+                              f"got {version!r}; the adapter folder is corrupt")
+    if version > FORMAT_VERSION:
         raise AdapterkitError(
             f"adapter format version {version!r} is newer than this adapterkit reads ({FORMAT_VERSION}); "
             "upgrade adapterkit")
@@ -134,10 +137,35 @@ def saved_template(directory: str | Path | None) -> str | None:
     if directory is None:
         return None
     try:
-        meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None  # the full load reports what is wrong
-    return (meta.get("generation") or {}).get("template")
+    generation = meta.get("generation") if isinstance(meta, dict) else None
+    template = generation.get("template") if isinstance(generation, dict) else None
+    return template if isinstance(template, str) else None
+
+
+def recorded_base(meta: dict) -> str | None:
+    """The base model's name or path recorded in an adapter's config, if it records a usable one."""
+    base = meta.get("base_model") if isinstance(meta, dict) else None
+    name = base.get("name_or_path") if isinstance(base, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def check_meta(meta: dict, config_path: Path) -> None:
+    """The entries of adapter_config.json that load, verify and export read, each of the right type."""
+    def corrupt(what: str, value) -> AdapterkitError:
+        return AdapterkitError(f"{config_path}: {what}, got {value!r}; the adapter folder is corrupt")
+
+    steps = meta.get("trained_steps", 0)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise corrupt("trained_steps must be a whole number", steps)
+    modules = meta.get("modules", [])
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise corrupt("'modules' must be a list of module names", modules)
+    for key in ("generation",):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise corrupt(f"'{key}' must be an object", meta[key])
 
 
 def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -161,6 +189,7 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
     if not isinstance(meta, dict):
         raise AdapterkitError(f"{config_path} holds a JSON {type(meta).__name__}, not an object; the adapter "
                               "folder is corrupt")
+    check_meta(meta, config_path)
     if not weights_path.is_file():
         raise AdapterkitError(f"{directory} has no {WEIGHTS_FILE}; the adapter folder is incomplete")
     try:
@@ -256,8 +285,8 @@ def has_module(model, path: str) -> bool:
 
 def check_base(saved: dict | None, current: dict, force: bool) -> None:
     """Refuse an adapter trained on another base model (`force` turns that into a warning)."""
-    if not saved:
-        return
+    if not isinstance(saved, dict) or not saved:
+        return  # nothing to compare (check_loadable refuses an adapter without it unless --force)
     differ = [k for k in ("model_type", "architecture", "hidden_size", "num_layers", "vocab_size",
                           "config_sha256", "vocab_sha256")
               if k in saved and k in current and saved[k] != current[k]]

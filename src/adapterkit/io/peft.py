@@ -205,6 +205,9 @@ def refuse_unexportable(config: AdapterConfig) -> None:
         merge = ", or merge it into the base (adapterkit merge)" if method.mergeable else \
             "; it cannot be merged either (non-linear)"
         raise AdapterkitError(f"PEFT has no {config.method} ({method.family} method): {own}{merge}")
+    if isinstance(config, LoraConfig) and config.target_parameters:
+        raise AdapterkitError(f"exporting LoRA on fused expert weights (target_parameters) to PEFT is not supported "
+                              f"yet: merge it into the base (adapterkit merge), or {own}")
     if isinstance(config, LoraConfig) and (config.bias != "none" or config.modules_to_save):
         raise AdapterkitError(f"exporting LoRA with bias={config.bias!r} or modules_to_save to PEFT is not "
                               f"supported yet: merge it into the base (adapterkit merge), or {own}")

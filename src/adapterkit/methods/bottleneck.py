@@ -237,6 +237,10 @@ def llm_adapters_placement(arch, config: BottleneckConfig) -> tuple[list[str], s
     up_proj + down_proj; BLOOMZ and GPT-J (plain MLP): series = output adapter on the MLP output
     projection, parallel on both MLP projections; AdapterP = output adapter on the MLP output.
     Families it never ran follow the rule of their MLP shape."""
+    if not arch.mlp_in:
+        raise AdapterkitError("preset llm-adapters places adapters on the MLP's linear layers, and this model's MLP "
+                              "is a mixture-of-experts block without them; drop the preset (the papers' placement "
+                              "puts the adapter on the block's output)")
     if not config.series:
         return [arch.mlp_in[-1], arch.mlp_out], "output"
     if config.llm_adapters_position == "input" and len(arch.mlp_in) > 1:
@@ -269,7 +273,7 @@ def attach_bottleneck(adapted, config: BottleneckConfig) -> dict[str, nn.Module]
         for i in layers:
             for role in config.sites:
                 path = layout.site(i, role)
-                parts[path] = SeriesAdapter(features(base_module(model, path))[1], config, hidden)
+                parts[path] = SeriesAdapter(hidden, config, hidden)  # a sub-layer's output: hidden-sized
         return parts
     sublayers = {"mlp": [("mlp_in", "mlp_out")], "attn": [("attn_in", "attn_out")],
                  "both": [("attn_in", "attn_out"), ("mlp_in", "mlp_out")]}[config.location]
@@ -277,8 +281,9 @@ def attach_bottleneck(adapted, config: BottleneckConfig) -> dict[str, nn.Module]
         for source_role, out_role in sublayers:
             source_path = layout.input_site(i, source_role)
             out_path = layout.site(i, out_role)
-            adapter = ParallelAdapter(hidden, features(base_module(model, out_path))[1], config, hidden)
-            adapter.source = parts[source_path] = InputCapture()
+            adapter = ParallelAdapter(hidden, hidden, config, hidden)
+            if source_path != out_path:  # else (a MoE block) the adapter reads its own site's input
+                adapter.source = parts[source_path] = InputCapture()
             parts[out_path] = adapter
     return parts
 

@@ -20,10 +20,11 @@ from torch import nn
 
 from ..architectures import is_linear, linear_shape
 from ..config import AdapterConfig
-from ..errors import AdapterkitError
+from ..errors import AdapterkitError, warn
 from ..settings import option
 from ..sites import Dropout, Effect, base_module, cast_for_adapter, logical_modules
 from ..targets import match_modules
+from .lora_experts import ExpertLoraEffect, expert_parameters
 from .registry import Method, register_method
 
 BIAS_MODES = ("none", "lora_only", "all")
@@ -46,6 +47,9 @@ class LoraConfig(AdapterConfig):
                        "gaussian: A ~ N(0, 1/r), B zero", flag="--lora-init")
     use_rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
     modules_to_save: list[str] = option([], "modules trained in full (a trained copy), e.g. lm_head")
+    target_parameters: list[str] | None = option(
+        None, "fused mixture-of-experts weights: 'experts' (all of them) or parameter names such as "
+        "mlp.experts.gate_up_proj (a low-rank update per expert, as PEFT's target_parameters)")
     layers: list[int] | None = option(None, "only these decoder layers (default: all)")
     use_dora: bool = option(False, "DoRA: train a magnitude per output feature of the updated weight")
     rank_pattern: dict = option({}, "per-module rank: {module name or regex suffix: r}")
@@ -63,6 +67,8 @@ class LoraConfig(AdapterConfig):
             raise AdapterkitError(f"lora bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INITS:
             raise AdapterkitError(f"lora init must be one of {INITS}, got {self.init!r}")
+        if isinstance(self.target_parameters, list) and not self.target_parameters:
+            raise AdapterkitError("lora target_parameters is an empty list; name expert weights or leave it unset")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise AdapterkitError("lora target_modules is an empty list; name modules or leave it unset")
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
@@ -91,7 +97,7 @@ class LoraConfig(AdapterConfig):
 
     def lr_ratio(self, key: str) -> float:
         """Learning-rate multiplier of one adapter weight (LoRA+ speeds up B)."""
-        return self.loraplus_lr_ratio if self.loraplus_lr_ratio and key.endswith("lora_B") else 1.0
+        return self.loraplus_lr_ratio if self.loraplus_lr_ratio and "lora_B" in key.split(".") else 1.0
 
 
 class LoraEffect(Effect):
@@ -264,6 +270,18 @@ def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
         for path, module in logical_modules(model):
             if path not in parts and isinstance(getattr(module, "bias", None), nn.Parameter):
                 parts[path] = BiasDelta(module)
+    if config.target_parameters:
+        if config.use_dora or config.dropout > 0:
+            raise AdapterkitError("target_parameters takes plain LoRA without dropout (as PEFT's): set --lora-dropout "
+                                  "0 and drop use_dora for the expert weights")
+        for path, names in expert_parameters(adapted, config.target_parameters, layer_paths).items():
+            r, alpha = config.rank_and_alpha(path)
+            parts[path] = ExpertLoraEffect(base_module(model, path), names, r, config.scaling_for(r, alpha),
+                                           layout.arch.experts_layout, config.init)
+    elif layout.arch.experts is not None:
+        warn("this mixture-of-experts model's expert weights are not targeted: LoRA adapts "
+             f"{len(parts)} linear layers only; add target_parameters=['experts'] (--target-parameters experts) "
+             "to adapt the experts too")
     if config.modules_to_save:
         for path in match_modules(model, config.modules_to_save, lambda m: True, "any"):
             if path in parts:

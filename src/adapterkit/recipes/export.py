@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import AdapterkitError
 from ..io import save
 from ..io.files import check_output
-from ..io.native import config_from_json, read_adapter
+from ..io.native import config_from_json, read_adapter, recorded_base
 from ..io.peft import is_peft_folder, refuse_unexportable
 from ..models import DEFAULT_MODEL
 from ..settings import check_fields, option
@@ -37,6 +37,6 @@ def export(settings: ExportSettings) -> Path:
     meta, _ = read_adapter(settings.adapter)
     refuse_unexportable(config_from_json(meta))  # before the slow part
     check_output(Path(settings.output), settings.overwrite)
-    base = settings.model or (meta.get("base_model") or {}).get("name_or_path") or DEFAULT_MODEL
+    base = settings.model or recorded_base(meta) or DEFAULT_MODEL
     adapted, _ = load_for_inference(base, settings.adapter, force=settings.force)
     return save(adapted, settings.output, format=settings.format, overwrite=settings.overwrite)

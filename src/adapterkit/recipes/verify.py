@@ -16,6 +16,7 @@ from ..io.native import (
     load_weights,
     missing_modules,
     read_adapter,
+    recorded_base,
     trainable_only,
 )
 from ..io.peft import is_peft_folder
@@ -67,7 +68,7 @@ def verify(settings: VerifySettings, report: Callable[[str], None] = print) -> b
         return f"{count:,} parameters, all finite"
 
     def base():
-        name = model_name or state["meta"].get("base_model", {}).get("name_or_path") or DEFAULT_MODEL
+        name = model_name or recorded_base(state["meta"]) or DEFAULT_MODEL
         model, tokenizer = load_model(name)
         state["adapted"] = AdaptedModel(model)
         state["adapted"].tokenizer = tokenizer
