@@ -37,7 +37,36 @@ _CONFIGS = {
     "falcon": lambda: T.FalconConfig(**_STD, multi_query=True, new_decoder_architecture=False,
                                      parallel_attn=True, alibi=False),
 }
-FAMILIES = sorted(_CONFIGS)
+_KV = dict(_STD, num_key_value_heads=2, intermediate_size=64)
+_EXPERTS = dict(_KV, num_experts_per_tok=2)
+# Today's families: q/k norms (Qwen3, OLMo 2, Gemma 3), post-sub-layer norms (Gemma 2/3, OLMo 2),
+# sliding-window and hybrid layers with soft-capping (Gemma 2/3, GPT-OSS: layer_types alternate),
+# fused qkv and gate/up (Phi-3), LayerNorm with bias (StableLM, StarCoder2), scaled logits (Cohere,
+# Granite), and fused 3-D expert weights (the MoE families, GPT-OSS stored [experts, in, out]).
+_TODAY = {
+    "qwen3": lambda: T.Qwen3Config(**_KV, head_dim=8),
+    "gemma2": lambda: T.Gemma2Config(**_KV, head_dim=8, sliding_window=4, final_logit_softcapping=30.0,
+                                     attn_logit_softcapping=50.0),
+    "gemma3_text": lambda: T.Gemma3TextConfig(**_KV, head_dim=8, sliding_window=4, sliding_window_pattern=2),
+    "phi3": lambda: T.Phi3Config(**_KV),
+    "olmo2": lambda: T.Olmo2Config(**_KV),
+    "smollm3": lambda: T.SmolLM3Config(**_KV),
+    "stablelm": lambda: T.StableLmConfig(**_KV),
+    "granite": lambda: T.GraniteConfig(**_KV, logits_scaling=2.0, residual_multiplier=0.5),
+    "starcoder2": lambda: T.Starcoder2Config(**_KV),
+    "cohere": lambda: T.CohereConfig(**_KV, logit_scale=0.5),
+    "mixtral": lambda: T.MixtralConfig(**_EXPERTS, num_local_experts=4),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(**_EXPERTS, num_experts=4, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=32),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(**_EXPERTS, num_experts=4, moe_intermediate_size=16, head_dim=8),
+    "olmoe": lambda: T.OlmoeConfig(**_EXPERTS, num_experts=4),
+    "gpt_oss": lambda: T.GptOssConfig(**_EXPERTS, num_local_experts=4, head_dim=8, sliding_window=4),
+}
+CLASSIC_FAMILIES = sorted(_CONFIGS)
+TODAY_FAMILIES = sorted(_TODAY)
+MOE_FAMILIES = ["gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+_CONFIGS.update(_TODAY)
+FAMILIES = CLASSIC_FAMILIES
 
 
 def tiny_config(family: str):

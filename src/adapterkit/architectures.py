@@ -158,6 +158,9 @@ def register_architecture(model_type: str, architecture: Architecture, replace: 
     ARCHITECTURES[model_type] = architecture
 
 
+TARGET_GROUPS = ("attn", "mlp")  # and "all-linear" (targets.py), "experts" (LoRA's target_parameters)
+
+
 def _first_attr(config, names: tuple[str, ...], field: str) -> int:
     for name in names:
         value = getattr(config, name, None)
@@ -226,6 +229,18 @@ class ModelLayout:
             raise AdapterkitError(f"this model has no {role!r} module in its architecture entry")
         return f"{self.layer_path(index)}.{relative}"
 
+    def group_sites(self, index: int, group: str) -> list[str]:
+        """The linear layers of a target group in layer `index`: "attn" (q, k, v or qkv, and the output
+        projection) or "mlp" (its input and output projections; a MoE block has none)."""
+        if group == "attn":
+            roles = (("qkv",) if self.arch.qkv else ("q", "k", "v")) + ("attn_out",)
+            paths = [self.site(index, role) for role in roles]
+        elif group == "mlp":
+            paths = [f"{self.layer_path(index)}.{p}" for p in self.arch.mlp_in] + [self.site(index, "mlp_out")]
+        else:
+            raise AdapterkitError(f"unknown target group {group!r}; groups: {', '.join(TARGET_GROUPS)}")
+        return [p for p in paths if is_linear(self.model.get_submodule(p))]
+
     def query_sites(self, index: int) -> list[str]:
         return [self.site(index, role) for role in self.arch.query_roles()]
 
@@ -264,15 +279,27 @@ def _get(model: nn.Module, path: str, field: str) -> nn.Module:
 
 
 def architecture_of(model: nn.Module) -> Architecture:
-    """The table row for a model, or a clear error listing the supported families."""
+    """The table row for a model, or a clear error listing the supported families and what a row
+    for this model would have to name."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     raise AdapterkitError(
         f"unsupported model family {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}. "
-        "Describe a new family with adapterkit.register_architecture(model_type, Architecture(layers=..., "
-        "embeddings=..., attention=..., attn_out=..., mlp_in=(...), mlp_out=..., q=/k=/v= or qkv=...))"
+        f"{_row_hint(model)}Describe it with adapterkit.register_architecture({model_type!r}, Architecture("
+        "layers=..., embeddings=..., attention=..., attn_out=..., mlp_in=(...), mlp_out=..., q=/k=/v= or qkv=...)), "
+        "then check it with `adapterkit inspect MODEL`"
     )
+
+
+def _row_hint(model: nn.Module) -> str:
+    """Where this model keeps its layers and the linear layers of one, for the row it needs."""
+    lists = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        return ""
+    path, layers = max(lists, key=lambda item: len(item[1]))
+    linears = [n for n, m in layers[0].named_modules() if is_linear(m)]
+    return f"Its layers look like {path} ({len(layers)}), each with linear layers {', '.join(linears[:12])}. "
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

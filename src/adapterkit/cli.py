@@ -26,12 +26,14 @@ def _commands() -> dict[str, tuple[str, type]]:
     from .recipes.export import ExportSettings
     from .recipes.generate import GenerateSettings
     from .recipes.info import InfoSettings
+    from .recipes.inspect import InspectSettings
     from .recipes.merge import MergeSettings
     from .recipes.train import TrainSettings
     from .recipes.verify import VerifySettings
 
     return {
         "info": ("describe a model (family, sizes, linear modules)", InfoSettings),
+        "inspect": ("the table row a model matched and every target grouped by role, with counts", InspectSettings),
         "train": ("fine-tune an adapter (flags as LLM-Adapters' finetune.py)", TrainSettings),
         "generate": ("generate text, with or without an adapter", GenerateSettings),
         "eval": ("evaluate a model (with an adapter) on an LLM-Adapters task file", EvalSettings),
@@ -65,15 +67,17 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     from .methods import METHODS
 
     group = parser.add_argument_group("method options (see `adapterkit methods`)")
-    seen: set[str] = set()
+    first: dict[str, object] = {}
+    aliases: dict[str, list[str]] = {}
     for method in METHODS.values():
         for o in method.config_class.options():
-            if o.flag in seen:
-                continue
-            seen.add(o.flag)
-            kind = {"action": argparse.BooleanOptionalAction} if o.type is bool else {"metavar": o.name.upper()}
-            group.add_argument(o.flag, *o.aliases, dest=METHOD_OPTION + o.flag, default=argparse.SUPPRESS,
-                               help=o.help, **kind)
+            first.setdefault(o.flag, o)
+            aliases.setdefault(o.flag, [])
+            aliases[o.flag] += [a for a in o.aliases if a not in aliases[o.flag]]
+    for flag, o in first.items():
+        kind = {"action": argparse.BooleanOptionalAction} if o.type is bool else {"metavar": o.name.upper()}
+        group.add_argument(flag, *aliases[flag], dest=METHOD_OPTION + flag, default=argparse.SUPPRESS,
+                           help=o.help, **kind)
 
 
 def build_parser() -> Parser:
@@ -169,6 +173,10 @@ def run_command(command: str, settings) -> int:
         from .recipes.info import info
 
         print("\n".join(info(settings)))
+    elif command == "inspect":
+        from .recipes.inspect import inspect, render
+
+        print(render(inspect(settings), settings.json))
     elif command == "train":
         from .recipes.train import train
 

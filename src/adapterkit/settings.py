@@ -126,11 +126,14 @@ def _one(text: str, hint: Any) -> Any:
     raise ValueError(f"cannot read a {type_name(hint)} from text")
 
 
-def _number(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+def _number(text: str) -> int | float | str:
+    """A mapping value: an integer, a number, or the text itself (the field's own check judges it)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
 
 
 def convert(text: str, hint: Any, name: str = "value") -> Any:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architectures import is_linear, linear_shape
+from ..architectures import TARGET_GROUPS, is_linear, linear_shape
 from ..config import AdapterConfig
 from ..errors import AdapterkitError, warn
 from ..settings import option
@@ -40,7 +40,8 @@ class LoraConfig(AdapterConfig):
     alpha: float = option(16.0, "scale numerator: the update is multiplied by alpha / r", flag="--lora-alpha")
     dropout: float = option(0.0, "dropout on the LoRA input path", flag="--lora-dropout")
     target_modules: list[str] | str | None = option(
-        None, "module names (suffix match), a regex, or 'all-linear'; default: query and value projections")
+        None, "module names (suffix match), a regex, 'all-linear', or the groups attn / mlp (see `adapterkit "
+        "inspect`); default: query and value projections", aliases=("--targets",))
     bias: str = option("none", "train biases too: none, lora_only (of the targeted layers), all",
                       flag="--lora-bias")
     init: str = option("default", "default: A Kaiming-uniform, B zero (the update starts at 0); "
@@ -254,8 +255,11 @@ def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
     layout = adapted.layout
     layer_paths = [layout.layer_path(i) for i in layout.layer_indices(config.layers)]
     model = adapted.causal_lm
+    groups = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules or []
     if config.target_modules is None:
         paths = [path for i in layout.layer_indices(config.layers) for path in layout.query_sites(i)]
+    elif groups and all(g in TARGET_GROUPS for g in groups):  # "attn", "mlp": roles from the table
+        paths = [path for i in layout.layer_indices(config.layers) for g in groups for path in layout.group_sites(i, g)]
     else:
         head = getattr(model, "get_output_embeddings", lambda: None)()
         head_paths = tuple(p for p, m in logical_modules(model) if m is head)
