@@ -30,7 +30,7 @@ def data_file(tmp_path):
 def _args(model_dir, data_file, output, *extra):
     return ["train", "--model", str(model_dir), "--data", str(data_file), "--output", str(output),
             "--batch-size", "8", "--micro-batch-size", "2", "--learning-rate", "1e-2", "--cutoff-len", "40",
-            "--val-set-size", "4", "--warmup-steps", "2", "--template", "bare", "--lora-dropout", "0.1", *extra]
+            "--val-set-size", "4", "--warmup-steps", "2", "--template", "bare", "--lora-dropout", "0.1", "--precision", "fp32", *extra]
 
 
 def _weights(folder):

@@ -94,8 +94,11 @@ def save_adapter(adapted, directory: Path, name: str) -> Path:
         "fingerprint": fingerprint.compute(adapted, name),
     })
     if record.trained_steps > 0 and meta["fingerprint"]["max_change"] == 0.0:
+        dtype = next(adapted.causal_lm.parameters()).dtype
+        hint = (f" (in {str(dtype).removeprefix('torch.')} an update below its resolution vanishes: train longer "
+                "or with a larger learning rate)" if dtype in (torch.bfloat16, torch.float16) else "")
         raise AdapterkitError(f"adapter {name!r} was trained for {record.trained_steps} steps but gives exactly the "
-                              "base model's logits; refusing to save an adapter that changes nothing")
+                              f"base model's logits{hint}; refusing to save an adapter that changes nothing")
     write_files(directory, {CONFIG_FILE: json.dumps(meta, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
     check_saved_weights(directory, set(adapted.adapter_state_dict(name)), parameters)
     return directory

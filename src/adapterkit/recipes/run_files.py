@@ -16,7 +16,7 @@ from ..io.files import note_outputs, write_files, writing
 
 
 def finish_run(settings, config, adapted, output: Path, metrics, best, total, world, n_train, n_val,
-               seconds, data_history: list[dict]) -> dict:
+               seconds, data_history: list[dict], precision: str) -> dict:
     """The adapter to use (best by validation loss, else the last), metrics, plot, model card and run.json."""
     note_outputs(output, ["last", "loss.png", "adapter_config.json", "adapter_model.safetensors"])
     adapted.save(output / "last")
@@ -31,7 +31,7 @@ def finish_run(settings, config, adapted, output: Path, metrics, best, total, wo
         "adapter": f"{chosen.name} (step {best['step'] if best['step'] is not None else total})",
         "best_val_loss": best["val_loss"] if best["step"] is not None else None,
         "first_loss": train_losses[0] if train_losses else None, "final_loss": train_losses[-1] if train_losses else None,
-        "steps": total, "processes": world.size, "train_examples": n_train, "validation_examples": n_val,
+        "steps": total, "precision": precision, "processes": world.size, "train_examples": n_train, "validation_examples": n_val,
         "seconds": round(seconds, 1), "seed": settings.seed, "data_sha256": data_history[-1]["sha256"],
         "data": data_history, "versions": versions(), "git_commit": git_commit(),
     }

@@ -27,6 +27,7 @@ from ..data import (
     split_validation,
 )
 from ..errors import AdapterkitError, warn
+from ..hardware import resolve_precision
 from ..io.checkpoint import latest_good_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from ..io.files import check_output, clear_outputs, note_outputs, write_files
 from ..methods import get_method
@@ -65,7 +66,8 @@ class TrainSettings:
     template: str = option("alpaca", "prompt template: alpaca, bare or chat", choices=TEMPLATES)
     limit: int | None = option(None, "use only the first N records", minimum=1)
     seed: int = option(42, "seed of the data order, the validation split and the adapter's start", minimum=0)
-    precision: str = option("fp32", "fp32, or bf16 (bf16 base + autocast, fp32 adapter)", choices=("fp32", "bf16"))
+    precision: str = option("auto", "auto (bf16 where the hardware multiplies bf16 natively, else fp32), fp32, or "
+                            "bf16 (bf16 base + autocast, fp32 adapter)", choices=("auto", "fp32", "bf16"))
     resume: str | None = option(None, "'auto' (latest checkpoint in --output) or a checkpoint folder")
     report_to: str = option("none", "also log metrics to tensorboard, wandb (offline) or mlflow (a local store)",
                             choices=REPORTERS)
@@ -152,7 +154,8 @@ def _train(settings: TrainSettings, world: World) -> dict:
         data_history.append(data_id)
     train_records, val_records = split_validation(records, settings.val_set_size, settings.seed)
     torch.manual_seed(settings.seed)
-    model, tokenizer = load_model(settings.model, "bf16" if settings.precision == "bf16" else "fp32")
+    precision = resolve_precision(settings.precision, world.device)
+    model, tokenizer = load_model(settings.model, precision)
     model.to(world.device)
     template = Template(settings.template)
     encoded = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in train_records]
@@ -189,7 +192,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
         return batches
 
     params, optimizer, scheduler = make_optimizer(adapted, settings.learning_rate, settings.warmup_steps, total)
-    autocast = torch.bfloat16 if settings.precision == "bf16" else None
+    autocast = torch.bfloat16 if precision == "bf16" else None
     metrics: list[dict] = []
     start, best = 0, {"val_loss": float("inf"), "step": None}
     if resume_from is not None:
@@ -202,7 +205,8 @@ def _train(settings: TrainSettings, world: World) -> dict:
     if world.main:
         print(f"{settings.method}: {adapted.report()}; {len(encoded)} train / {len(val_encoded)} validation "
               f"examples, {total} steps of {settings.batch_size}" + (f" on {world.size} processes" if
-                                                                      world.size > 1 else ""), flush=True)
+                                                                      world.size > 1 else "")
+              + f"; precision {precision}" + (" (auto)" if settings.precision == "auto" else ""), flush=True)
         write_files(output, {"config.yaml": effective_yaml(settings, config)}, {}, record=True)
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not world.main)
     reporter = make_reporter(settings.report_to if world.main else "none", output, asdict(settings))
@@ -239,7 +243,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
     run = {}
     if world.main:
         run = finish_run(settings, config, adapted, output, metrics, best, total, world, len(encoded),
-                         len(val_encoded), time.time() - started, data_history)
+                         len(val_encoded), time.time() - started, data_history, precision)
     return run
 
 
