@@ -22,7 +22,7 @@ SRC = Path(adapterkit.__file__).parent
 LAYERS = [
     ("adapterkit._version", "adapterkit.errors", "adapterkit.settings"),
     ("adapterkit.architectures", "adapterkit.sites", "adapterkit.targets", "adapterkit.config", "adapterkit.models",
-     "adapterkit.data", "adapterkit.tasks", "adapterkit.resources", "adapterkit.hardware"),
+     "adapterkit.data", "adapterkit.tasks", "adapterkit.resources", "adapterkit.hardware", "adapterkit.packing"),
     ("adapterkit.methods",),
     ("adapterkit.core",),
     ("adapterkit.training",),

@@ -32,6 +32,7 @@ from ..io.checkpoint import latest_good_checkpoint, load_checkpoint, read_checkp
 from ..io.files import check_output, clear_outputs, note_outputs, write_files
 from ..methods import get_method
 from ..models import DEFAULT_MODEL, load_model
+from ..packing import check_packing, collate_packed, pack
 from ..settings import check_fields, option
 from ..training import causal_lm_loss, fit, make_optimizer
 from ..training.distributed import World, barrier, finish, init_world, sum_across
@@ -71,6 +72,8 @@ class TrainSettings:
     resume: str | None = option(None, "'auto' (latest checkpoint in --output) or a checkpoint folder")
     report_to: str = option("none", "also log metrics to tensorboard, wandb (offline) or mlflow (a local store)",
                             choices=REPORTERS)
+    packing: bool = option(False, "several records per row of --cutoff-len tokens, kept apart (their own positions, "
+                           "a block-diagonal mask): no compute spent on padding")
     gradient_checkpointing: bool = option(False, "recompute each layer in backward: less memory, slower steps")
     overwrite: bool = option(False, "replace what an earlier run wrote in --output (other files are refused)")
     allow_new_data: bool = option(False, "with --resume: continue on data that differs from the run's")
@@ -170,6 +173,15 @@ def _train(settings: TrainSettings, world: World) -> dict:
         adapted.gradient_checkpointing_enable()
     check_length(adapted, settings.cutoff_len, getattr(config, "num_virtual_tokens", 0))
 
+    batch_of = collate
+    if settings.packing:
+        if adapted.input_hooks:
+            raise AdapterkitError(f"--packing keeps records apart by positions and mask, and {settings.method} adds "
+                                  "virtual tokens to each record's input; train it without --packing")
+        encoded = pack(encoded, settings.cutoff_len)
+        with adapted.disabled():
+            check_packing(adapted, encoded, tokenizer.pad_token_id, 1e-3 if precision == "fp32" else 5e-2)
+        batch_of = collate_packed
     micro, per_step = settings.micro_batch_size, settings.batch_size // settings.micro_batch_size
     per_epoch = len(encoded) // micro
     if per_epoch < per_step:
@@ -187,7 +199,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
             if epoch not in epochs:
                 epochs.clear()
                 epochs[epoch] = epoch_batches(lengths, micro, settings.seed, epoch, settings.group_by_length)
-            batches.append(_to(collate([encoded[i] for i in epochs[epoch][position]], tokenizer.pad_token_id),
+            batches.append(_to(batch_of([encoded[i] for i in epochs[epoch][position]], tokenizer.pad_token_id),
                                world.device))
         return batches
 
@@ -203,7 +215,8 @@ def _train(settings: TrainSettings, world: World) -> dict:
     elif world.main and settings.overwrite and output.is_dir():
         clear_outputs(output)  # only what adapterkit wrote; every check on the input has passed by now
     if world.main:
-        print(f"{settings.method}: {adapted.report()}; {len(encoded)} train / {len(val_encoded)} validation "
+        rows = f" in {len(encoded)} packed rows" if settings.packing else ""
+        print(f"{settings.method}: {adapted.report()}; {len(train_records)} train{rows} / {len(val_encoded)} validation "
               f"examples, {total} steps of {settings.batch_size}" + (f" on {world.size} processes" if
                                                                       world.size > 1 else "")
               + f"; precision {precision}" + (" (auto)" if settings.precision == "auto" else ""), flush=True)
@@ -242,7 +255,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
         reporter.close()
     run = {}
     if world.main:
-        run = finish_run(settings, config, adapted, output, metrics, best, total, world, len(encoded),
+        run = finish_run(settings, config, adapted, output, metrics, best, total, world, len(train_records),
                          len(val_encoded), time.time() - started, data_history, precision)
     return run
 

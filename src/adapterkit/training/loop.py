@@ -47,7 +47,8 @@ def micro_step(model: nn.Module, batch: dict, scale: float, autocast: torch.dtyp
                         enabled=autocast is not None):
         loss = labelled_loss(model, batch)
     (loss * scale).backward()
-    return loss.item(), int(batch["attention_mask"].sum())
+    tokens = batch["tokens"] if "tokens" in batch else batch["attention_mask"].sum()  # packed rows count their own
+    return loss.item(), int(tokens)
 
 
 def fit(model: nn.Module, micro_batches: Callable[[int], list[dict]], start: int, total: int, optimizer,

@@ -20,7 +20,9 @@ def labelled_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     targets = labels[:, 1:]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets != -100
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # packed rows
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                   **extra).logits
     logits = logits.reshape(-1, logits.shape[-1])
     wanted = targets[targets != -100]
     if wanted.numel() == 0:
