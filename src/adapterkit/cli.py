@@ -21,6 +21,7 @@ _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 def _commands() -> dict[str, tuple[str, type]]:
     """command -> (help, settings class)."""
+    from .recipes.check import CheckSettings
     from .recipes.demo import DemoSettings
     from .recipes.evaluate import EvalSettings
     from .recipes.export import ExportSettings
@@ -28,6 +29,7 @@ def _commands() -> dict[str, tuple[str, type]]:
     from .recipes.info import InfoSettings
     from .recipes.inspect import InspectSettings
     from .recipes.merge import MergeSettings
+    from .recipes.study import StudySettings
     from .recipes.train import TrainSettings
     from .recipes.verify import VerifySettings
 
@@ -39,8 +41,11 @@ def _commands() -> dict[str, tuple[str, type]]:
         "eval": ("evaluate a model (with an adapter) on an LLM-Adapters task file", EvalSettings),
         "verify": ("check an adapter folder: files, weights, base model, modules, fingerprint", VerifySettings),
         "merge": ("merge an adapter into the base and write a plain HF checkpoint", MergeSettings),
-        "export": ("write an adapter in another library's format (peft: Hugging Face PEFT)", ExportSettings),
+        "export": ("write an adapter in another format: peft (Hugging Face PEFT), gguf, ollama", ExportSettings),
+        "check": ("can a serving target (vllm, llamacpp, ollama, peft, tgi) carry the adapter as it is", CheckSettings),
         "demo": ("the README's main job on the default model", DemoSettings),
+        "study": ("LLM-Adapters' comparison: methods x tasks x seeds with a learning-rate pilot, a leaderboard "
+                  "and plots", StudySettings),
     }
 
 
@@ -209,8 +214,22 @@ def run_command(command: str, settings) -> int:
         from .recipes.export import export
 
         out = export(settings)
-        print(f"PEFT adapter written to {out}; load it with peft.PeftModel.from_pretrained(base_model, "
-              f"{str(out)!r})")
+        if settings.format == "peft":
+            print(f"PEFT adapter written to {out}; load it with peft.PeftModel.from_pretrained(base_model, "
+                  f"{str(out)!r})")
+        else:
+            print(f"{settings.format} export written to {out}")
+    elif command == "check":
+        from .recipes.check import check
+
+        lines = check(settings)
+        print("\n".join(lines) or f"ok: {settings.target} can serve {settings.adapter} as it is")
+        return 1 if lines else 0
+    elif command == "study":
+        from .recipes.study import study
+
+        study(settings)
+        print(f"leaderboard: {settings.output}/leaderboard.md; plots: {settings.output}/plots/")
     elif command == "demo":
         from .recipes.demo import run_demo
 

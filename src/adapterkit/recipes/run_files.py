@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 import shutil
 import subprocess
 from dataclasses import asdict
@@ -33,7 +34,8 @@ def finish_run(settings, config, adapted, output: Path, metrics, best, total, wo
         "first_loss": train_losses[0] if train_losses else None, "final_loss": train_losses[-1] if train_losses else None,
         "steps": total, "precision": precision, "processes": world.size, "train_examples": n_train, "validation_examples": n_val,
         "seconds": round(seconds, 1), "seed": settings.seed, "data_sha256": data_history[-1]["sha256"],
-        "data": data_history, "versions": versions(), "git_commit": git_commit(),
+        "data": data_history, "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "versions": versions(), "git_commit": git_commit(),
     }
     write_files(output, {"metrics.jsonl": jsonl(metrics), "run.json": json.dumps(run, indent=2) + "\n",
                          "README.md": model_card(settings, config, run)}, {}, record=True)

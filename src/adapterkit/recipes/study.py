@@ -1,0 +1,217 @@
+"""`adapterkit study`: LLM-Adapters' comparison as one command. For each method a learning-rate pilot
+on a validation split picks the rate, then every seed trains to the same budget on the same data and
+template; the base model and every adapter are evaluated on every task with the contamination check;
+study_report.py writes the leaderboard and plots. Finished runs and evaluations are skipped on --resume.
+
+Learning-rate rule (`--lrs auto`): three rates around the method family's usual one (low-rank and
+bottleneck adapters 1e-4, 3e-4, 1e-3; prompt methods 1e-2, 3e-2, 1e-1), `--pilot-steps` steps each on
+the first seed; the rate with the lowest validation loss trains the full budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from ..errors import AdapterkitError
+from ..io.files import check_output, note_outputs, write_files
+from ..methods import METHODS, get_method
+from ..models import DEFAULT_MODEL
+from ..settings import check_fields, option
+from ..tasks import get_task, resolve_task
+from .demo import TRAIN_FILE, clean_math_slice
+from .evaluate import EvalSettings, run_eval
+from .study_report import write_report
+
+AUTO_LRS = {"prompt": (1e-2, 3e-2, 1e-1)}  # every other family: DEFAULT_LRS
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
+PRESETS = ("quick", "llm-adapters")
+MATH_SLICE = "math-slice"  # the demo's held-out math items (not in the math training file)
+
+
+@dataclass
+class StudySettings:
+    output: str = option(None, "folder for runs/, evals/, leaderboard.{md,csv,json} and plots", required=True)
+    model: str = option(DEFAULT_MODEL, "base model: the default, a local Hugging Face folder or a hub id")
+    train_data: str | None = option(None, "training file (default with --preset quick: the math training file)")
+    tasks: list[str] = option([MATH_SLICE], "tasks: names as `eval --task`, or math-slice (held-out math items)")
+    data_dir: str | None = option(None, "LLM-Adapters' data folder for the tasks (default: the bundled data)")
+    methods: list[str] = option(["all"], "methods to compare, or all")
+    budget: str = option("steps=60", "the same for every run: steps=N, tokens=N or seconds=N")
+    lrs: list[str] = option(["auto"], "learning rates tried per method, or auto (see `adapterkit study --help`)")
+    seeds: list[int] = option([1], "seeds of the full runs")
+    pilot_steps: int = option(10, "steps of each learning-rate pilot", minimum=1)
+    eval_limit: int | None = option(100, "items evaluated per task", minimum=1)
+    batch_size: int = option(8, "global batch of every run", minimum=1)
+    micro_batch_size: int = option(4, "examples per forward pass", minimum=1)
+    cutoff_len: int = option(256, "longest tokenised example", minimum=2)
+    val_set_size: int = option(64, "records held out for the pilots' validation loss", minimum=1)
+    template: str = option("alpaca", "prompt template of every run", choices=("alpaca", "bare", "chat"))
+    precision: str = option("auto", "precision of every run", choices=("auto", "fp32", "bf16"))
+    max_new_tokens: int = option(160, "most tokens generated per evaluated answer", minimum=1)
+    preset: str | None = option(None, "quick: the default model, math training file, math slice + boolq and "
+                                "piqa, all methods, 1 seed", choices=PRESETS)
+    resume: bool = option(False, "continue a study in --output: finished runs and evaluations are kept")
+
+    def __post_init__(self) -> None:
+        if self.preset == "quick":
+            self.train_data = self.train_data or str(TRAIN_FILE)
+            if self.tasks == [MATH_SLICE]:
+                self.tasks = [MATH_SLICE, "boolq", "piqa"]
+        if self.preset == "llm-adapters":
+            raise AdapterkitError("--preset llm-adapters (its per-method settings on LLaMA-7B) needs a GPU and the "
+                                  "model; it is documented in the README, not runnable here")
+        check_fields(self)
+        if self.train_data is None:
+            raise AdapterkitError("--train-data is required (or --preset quick)")
+        self.methods = sorted(METHODS) if self.methods == ["all"] else self.methods
+        if not self.methods:
+            raise AdapterkitError("--methods is empty; name methods or use all")
+        for name in self.methods:
+            get_method(name)
+        budget_kind, budget_value = parse_budget(self.budget)
+        if self.lrs != ["auto"]:
+            try:
+                rates = [float(r) for r in self.lrs]
+            except ValueError as exc:
+                raise AdapterkitError(f"--lrs must be numbers or auto, got {self.lrs}") from exc
+            if any(not r > 0 for r in rates):
+                raise AdapterkitError(f"--lrs must be positive, got {self.lrs}")
+        if not self.seeds:
+            raise AdapterkitError("--seeds is empty; give at least one seed")
+        for task in self.tasks:
+            if task != MATH_SLICE:
+                name, spec = get_task(task)
+                resolve_task(name, data_dir=self.data_dir)  # the task's folder must exist
+
+
+def parse_budget(text: str) -> tuple[str, int]:
+    kind, sep, value = text.partition("=")
+    if not sep or kind not in ("steps", "tokens", "seconds"):
+        raise AdapterkitError(f"--budget {text!r}: use steps=N, tokens=N or seconds=N")
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise AdapterkitError(f"--budget {text!r}: N must be a whole number") from exc
+    if number <= 0:
+        raise AdapterkitError(f"--budget {text!r}: N must be positive")
+    return kind, number
+
+
+def learning_rates(settings: StudySettings, method: str) -> list[float]:
+    if settings.lrs != ["auto"]:
+        return [float(r) for r in settings.lrs]
+    return list(AUTO_LRS.get(get_method(method).family, DEFAULT_LRS))
+
+
+def steps_for(settings: StudySettings, out: Path) -> int:
+    """The step count of a full run. tokens=N and seconds=N are turned into steps from the first pilot's
+    measured tokens and seconds per step, so every method trains the same number of steps."""
+    kind, value = parse_budget(settings.budget)
+    if kind == "steps":
+        return value
+    pilot = next(out.glob("runs/*/pilot-*/run.json"), None)
+    if pilot is None:
+        raise AdapterkitError("a tokens or seconds budget needs a pilot run first (use --lrs auto or several rates)")
+    run = json.loads(pilot.read_text())
+    metrics = [json.loads(line) for line in (pilot.parent / "metrics.jsonl").read_text().splitlines()]
+    tokens = sum(m.get("tokens", 0) for m in metrics if "loss" in m) / max(run["steps"], 1)
+    seconds = run["seconds"] / max(run["steps"], 1)
+    return max(1, int(value / (tokens if kind == "tokens" else seconds)))
+
+
+def _train(settings: StudySettings, method: str, lr: float, seed: int, steps: int, folder: Path,
+           val_set_size: int) -> dict:
+    """One training run in its own process (its peak memory is its own); skipped when finished."""
+    if (folder / "run.json").is_file():
+        return json.loads((folder / "run.json").read_text())
+    config = {"data": str(settings.train_data), "output": str(folder), "method": method, "model": settings.model,
+              "batch_size": settings.batch_size, "micro_batch_size": settings.micro_batch_size, "max_steps": steps,
+              "learning_rate": lr, "warmup_steps": max(1, steps // 10), "cutoff_len": settings.cutoff_len,
+              "val_set_size": val_set_size, "eval_steps": steps, "save_steps": steps, "template": settings.template,
+              "seed": seed, "precision": settings.precision, "resume": "auto"}  # a killed run continues exactly
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder.parent / f".{folder.name}.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "adapterkit", "train", "--config",
+                           str(folder.parent / f".{folder.name}.yaml")], capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AdapterkitError(f"study run {folder.name} of {method} failed: {last}")
+    return json.loads((folder / "run.json").read_text())
+
+
+def _evaluate(settings: StudySettings, name: str, adapter: Path | None, task: str, out: Path) -> dict:
+    folder = out / "evals" / name / task
+    if (folder / "results.json").is_file():
+        return json.loads((folder / "results.json").read_text())
+    data = task_type = None
+    if task == MATH_SLICE:
+        data, task_type = out / "math_slice.json", "math"
+        if not data.is_file():
+            write_files(out, {data.name: json.dumps(clean_math_slice(settings.eval_limit or 100), indent=1)}, {},
+                        record=True)
+    return run_eval(EvalSettings(model=settings.model, adapter=str(adapter) if adapter else None,
+                                 task=None if data else task, data=str(data) if data else None, task_type=task_type,
+                                 data_dir=settings.data_dir, train_data=str(settings.train_data), output=str(folder),
+                                 limit=settings.eval_limit, batch_size=16, max_new_tokens=settings.max_new_tokens,
+                                 precision="fp32", progress=False))
+
+
+class Progress:
+    """`study: run 3 of 18 (lora lr 3e-04 seed 1), about 12 min left`, from the mean time of runs done."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.time()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        left = (time.time() - self.started) / max(self.done - 1, 1) * (self.total - self.done + 1)
+        eta = f", about {left / 60:.0f} min left" if self.done > 1 else ""
+        print(f"study: {self.done} of {self.total}: {what}{eta}", flush=True)
+
+
+def study(settings: StudySettings) -> dict:
+    """Run (or resume) the study; returns the leaderboard rows."""
+    out = Path(settings.output)
+    check_output(out, overwrite=False, resuming=settings.resume)
+    write_files(out, {"study.json": json.dumps(asdict(settings), indent=2) + "\n"}, {}, record=True)
+    note_outputs(out, ["runs", "evals", "plots", "leaderboard.md", "leaderboard.csv", "leaderboard.json"])
+    plan = {m: learning_rates(settings, m) for m in settings.methods}
+    pilots = sum(len(r) for r in plan.values() if len(r) > 1)
+    progress = Progress(pilots + len(settings.methods) * len(settings.seeds)
+                        + (1 + len(settings.methods) * len(settings.seeds)) * len(settings.tasks))
+    runs: dict[str, dict] = {}
+    for method, rates in plan.items():
+        sweep = {}
+        if len(rates) > 1:
+            for lr in rates:
+                progress.step(f"{method} pilot at lr {lr:g}")
+                run = _train(settings, method, lr, settings.seeds[0], settings.pilot_steps,
+                             out / "runs" / method / f"pilot-lr{lr:g}", settings.val_set_size)
+                sweep[lr] = run["best_val_loss"]
+        chosen = min(sweep, key=lambda lr: sweep[lr]) if sweep else rates[0]
+        steps = steps_for(settings, out)
+        runs[method] = {"lr": chosen, "sweep": sweep, "steps": steps, "seeds": {}}
+        for seed in settings.seeds:
+            progress.step(f"{method} lr {chosen:g} seed {seed}")
+            folder = out / "runs" / method / f"lr{chosen:g}-seed{seed}"
+            runs[method]["seeds"][seed] = {"folder": str(folder),
+                                           "run": _train(settings, method, chosen, seed, steps, folder, 0)}
+    evals: dict[str, dict[str, list[dict]]] = {"base": {}}
+    for task in settings.tasks:
+        progress.step(f"base model on {task}")
+        evals["base"][task] = [_evaluate(settings, "base", None, task, out)]
+        for method, info in runs.items():
+            for seed, entry in info["seeds"].items():
+                progress.step(f"{method} seed {seed} on {task}")
+                evals.setdefault(method, {}).setdefault(task, []).append(
+                    _evaluate(settings, f"{method}-seed{seed}", Path(entry["folder"]), task, out))
+    return write_report(settings, out, runs, evals)

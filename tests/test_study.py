@@ -1,0 +1,87 @@
+"""`adapterkit study` end to end on a tiny model: pilots pick the lower validation loss, leaderboard
+files and plots, resume retrains nothing finished, bad input gets one line."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+import adapterkit.recipes.study as study_module
+from adapterkit.cli import main
+from adapterkit.recipes.study_report import mcnemar_p
+
+RECORDS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"The answer is {a + b}.", "answer": str(a + b)}
+           for a in range(6) for b in range(6)]
+
+
+@pytest.fixture
+def layout(tmp_path):
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(RECORDS))
+    data_dir = tmp_path / "llm-adapters"
+    (data_dir / "dataset" / "gsm8k").mkdir(parents=True)
+    (data_dir / "dataset" / "gsm8k" / "test.json").write_text(json.dumps(
+        [{"instruction": f"What is {a} plus {a}?", "answer": str(2 * a)} for a in range(7, 11)] + RECORDS[:2]))
+    return train, data_dir
+
+
+def _argv(model, train, data_dir, out, *extra):
+    return ["study", "--model", str(model), "--train-data", str(train), "--data-dir", str(data_dir),
+            "--tasks", "gsm8k", "--methods", "lora,prompt-tuning", "--lrs", "1e-3,3e-2", "--budget", "steps=3",
+            "--pilot-steps", "2", "--seeds", "1", "--batch-size", "4", "--micro-batch-size", "2",
+            "--cutoff-len", "64", "--val-set-size", "8", "--template", "bare", "--eval-limit", "6",
+            "--max-new-tokens", "4", "--precision", "fp32", "--output", str(out), *extra]
+
+
+def test_study_end_to_end_and_resume(tiny_llama_dir, layout, tmp_path, monkeypatch, capsys):
+    train, data_dir = layout
+    out = tmp_path / "study"
+    assert main(_argv(tiny_llama_dir, train, data_dir, out)) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    rows = {r["method"]: r for r in board["rows"]}
+    assert sorted(rows) == ["base", "lora", "prompt-tuning"]
+    for method, info in board["runs"].items():
+        sweep = {float(k): v for k, v in info["sweep"].items()}
+        assert len(sweep) == 2 and float(info["lr"]) == min(sweep, key=sweep.get), method
+        pilots = {float(p.name.removeprefix("pilot-lr")): json.loads((p / "run.json").read_text())["best_val_loss"]
+                  for p in (out / "runs" / method).glob("pilot-lr*")}
+        assert pilots == sweep  # the recorded sweep is what the pilots measured
+        assert rows[method]["trainable"] > 0 and "gsm8k beats base" in rows[method]
+    assert "| base |" in (out / "leaderboard.md").read_text()
+    assert (out / "leaderboard.csv").read_text().splitlines()[0].startswith("method,")
+    for name in ("accuracy_vs_parameters", "loss_curves", "lr_sweep", "accuracy_per_task"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000
+    assert "study: 1 of" in capsys.readouterr().out
+
+    calls = []
+    real = subprocess.run
+    monkeypatch.setattr(study_module.subprocess, "run", lambda *a, **k: calls.append(a) or real(*a, **k))
+    shutil.rmtree(next((out / "runs" / "lora").glob("lr*-seed1")))  # as if killed before that run finished
+    assert main(_argv(tiny_llama_dir, train, data_dir, out, "--resume")) == 0
+    assert len(calls) == 1  # only the missing run trains again
+
+
+def test_mcnemar_exact():
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(0, 6) == pytest.approx(2 / 64)  # all 6 discordant pairs one way
+    assert mcnemar_p(3, 3) == 1.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "lorax"], "unknown method 'lorax'"),
+    (["--methods", ""], "--methods is empty"),
+    (["--tasks", "nosuchtask"], "unknown task 'nosuchtask'"),
+    (["--tasks", "boolq"], "no test file for task boolq"),
+    (["--budget", "steps=0"], "N must be positive"),
+    (["--budget", "epochs=3"], "use steps=N, tokens=N or seconds=N"),
+    (["--seeds", "1,two"], "--seeds"),
+    (["--lrs", "fast"], "--lrs must be numbers or auto"),
+])
+def test_bad_study_input_one_line(tiny_llama_dir, layout, tmp_path, capsys, extra, message):
+    train, data_dir = layout
+    out = tmp_path / "study"
+    assert main(_argv(tiny_llama_dir, train, data_dir, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert not out.exists()
