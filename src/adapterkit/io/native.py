@@ -62,6 +62,7 @@ def base_identity(adapted) -> dict[str, Any]:
         "vocab_size": getattr(config, "vocab_size", None),
         "config_sha256": _sha(json.dumps(stable, sort_keys=True, default=str)),
         "name_or_path": getattr(model, "adapterkit_source", None) or getattr(config, "_name_or_path", None),
+        "quantize": getattr(model, "adapterkit_quantize", "none"),
     }
     if tokenizer is not None:
         identity["vocab_sha256"] = _sha(json.dumps(sorted(tokenizer.get_vocab().items())))
@@ -260,7 +261,15 @@ def load_adapter(adapted, directory: str | Path, name: str = "default", trainabl
     try:
         load_weights(adapted, record, tensors, name)
         record.trained_steps = int(meta.get("trained_steps", 0))
-        _checked(lambda: fingerprint.check(adapted, name, meta.get("fingerprint"), record.trained_steps), force)
+        saved_fingerprint = meta.get("fingerprint")
+        saved_quantize = (meta.get("base_model") or {}).get("quantize", "none")
+        if saved_quantize != getattr(adapted.causal_lm, "adapterkit_quantize", "none"):
+            # another storage of the same base: its logits differ by the quantization error, so only the
+            # identity hashes (checked above) and the no-op check apply
+            warn(f"the adapter's fingerprint was taken on the base loaded with quantize={saved_quantize}; this one is "
+                 f"loaded otherwise, so its probe logits are not compared (the base identity is)")
+            saved_fingerprint = None
+        _checked(lambda: fingerprint.check(adapted, name, saved_fingerprint, record.trained_steps), force)
     except AdapterkitError:
         adapted.delete(name)
         raise

@@ -21,6 +21,7 @@ from torch import nn
 from ..architectures import TARGET_GROUPS, is_linear, linear_shape
 from ..config import AdapterConfig
 from ..errors import AdapterkitError, warn
+from ..quantization import is_quantized
 from ..settings import option
 from ..sites import Dropout, Effect, base_module, cast_for_adapter, logical_modules
 from ..targets import match_modules
@@ -134,6 +135,7 @@ class LoraEffect(Effect):
 
     @torch.no_grad()
     def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
+        _refuse_quantized(base_layer)
         _add_checked(base_layer.weight, sign * self.delta_weight())
         if self.lora_bias is not None:
             _add_checked(base_layer.bias, sign * self.lora_bias.float())
@@ -144,6 +146,9 @@ class DoraEffect(LoraEffect):
     starts unchanged. The norm is treated as a constant in backward, as the paper (4.3) and PEFT do."""
 
     def __init__(self, base: nn.Module, config: LoraConfig, train_bias: bool, r: int, alpha: float):
+        if is_quantized(base.weight):
+            raise AdapterkitError("DoRA needs the base weight's norm, and this base layer is quantized; use plain "
+                                  "LoRA on a quantized base, or load the base with --quantize none")
         super().__init__(base, config, train_bias, r, alpha)
         self._base = [base]  # a reference, not a child: the base weights are not this adapter's
         with torch.no_grad():
@@ -241,6 +246,12 @@ class TrainedCopy(Effect):
             for p, saved in zip(base_params.values(), self._stash, strict=True):
                 p.copy_(saved)
             self._stash = []
+
+
+def _refuse_quantized(base_layer: nn.Module) -> None:
+    if is_quantized(base_layer.weight):
+        raise AdapterkitError("the base layer is stored quantized, so the update cannot be added to it exactly; "
+                              "merge into the full-precision base (`adapterkit merge` loads it unquantized)")
 
 
 def _add_checked(target: torch.Tensor, delta: torch.Tensor) -> None:

@@ -9,9 +9,10 @@ from ..io import load
 from ..models import load_model
 
 
-def load_for_inference(model_name: str, adapter: str | None, dtype: str = "fp32", force: bool = False):
+def load_for_inference(model_name: str, adapter: str | None, dtype: str = "fp32", force: bool = False,
+                       quantize: str = "none"):
     """(model or AdaptedModel, tokenizer) ready for generation."""
-    model, tokenizer = load_model(model_name, dtype)
+    model, tokenizer = load_model(model_name, dtype, quantize)
     if adapter:
         adapted = AdaptedModel(model)
         adapted.tokenizer = tokenizer

@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..data import TEMPLATES, Template, collate, read_records
 from ..errors import AdapterkitError
-from ..io.files import write_files
+from ..io.files import check_folder_target, write_files
 from ..io.native import saved_template
 from ..models import DEFAULT_MODEL
+from ..quantization import QUANTIZE
 from ..settings import check_fields, option
 from ..tasks import (
     TASK_TYPES,
@@ -53,6 +54,7 @@ class EvalSettings:
     template: str | None = option(None, "alpaca, bare or chat (default: the adapter's, else alpaca)",
                                   choices=TEMPLATES)
     precision: str = option("fp32", "the dtype the model is loaded in", choices=PRECISIONS)
+    quantize: str = option("none", "load the base's linear layers quantized: int8 or nf4", choices=QUANTIZE)
     force: bool = option(False, "load an adapter trained on another base model")
     progress: bool = option(True, "show a progress bar", cli=False)
 
@@ -141,11 +143,14 @@ def run_eval(settings: EvalSettings) -> dict:
     s = settings
     template = s.template or saved_template(s.adapter) or "alpaca"
     name, path, spec, kind = resolve_task(s.task, s.data, s.data_dir, s.task_type)
+    folder = Path(s.output) if s.output else Path("runs") / "eval" / (
+        f"{Path(s.adapter).name}-{name}" if s.adapter else name)
+    check_folder_target(folder)  # before the generation, not after it
     records = load_task_records(path, kind, s.limit)
     labels = spec.labels if spec and spec.type == kind else infer_labels([r["answer"] for r in records], kind)
     train_path, warning = training_file(s.adapter, s.train_data)
     dirty = contamination(records, read_records(train_path)) if train_path else None
-    model, tokenizer = load_for_inference(s.model, s.adapter, dtype=s.precision, force=s.force)
+    model, tokenizer = load_for_inference(s.model, s.adapter, dtype=s.precision, force=s.force, quantize=s.quantize)
     predictions, summary = evaluate(model, tokenizer, records, kind, template, s.batch_size, s.max_new_tokens,
                                     s.num_beams, labels, s.progress)
     clean = {"contaminated": None, "clean_n": None, "clean_correct": None, "clean_accuracy": None}
@@ -161,8 +166,6 @@ def run_eval(settings: EvalSettings) -> dict:
                             "train_data": str(train_path) if train_path else None, "limit": s.limit,
                             "template": template, "batch_size": s.batch_size, "max_new_tokens": s.max_new_tokens,
                             "num_beams": s.num_beams, "dtype": s.precision, "adapterkit_version": __version__}}
-    folder = Path(s.output) if s.output else Path("runs") / "eval" / (
-        f"{Path(s.adapter).name}-{name}" if s.adapter else name)
     write_files(folder, {"predictions.jsonl": "".join(json.dumps(p) + "\n" for p in predictions),
                          "results.json": json.dumps(results, indent=2) + "\n"}, {})
     results["output"] = str(folder)

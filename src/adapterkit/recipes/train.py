@@ -33,6 +33,7 @@ from ..io.files import check_output, clear_outputs, note_outputs, write_files
 from ..methods import get_method
 from ..models import DEFAULT_MODEL, load_model
 from ..packing import check_packing, collate_packed, pack
+from ..quantization import QUANTIZE
 from ..settings import check_fields, option
 from ..training import causal_lm_loss, fit, make_optimizer
 from ..training.distributed import World, barrier, finish, init_world, sum_across
@@ -72,6 +73,8 @@ class TrainSettings:
     resume: str | None = option(None, "'auto' (latest checkpoint in --output) or a checkpoint folder")
     report_to: str = option("none", "also log metrics to tensorboard, wandb (offline) or mlflow (a local store)",
                             choices=REPORTERS)
+    quantize: str = option("none", "store the frozen base's linear layers quantized: int8 or nf4 (QLoRA's; "
+                           "needs adapterkit[quant])", choices=QUANTIZE)
     packing: bool = option(False, "several records per row of --cutoff-len tokens, kept apart (their own positions, "
                            "a block-diagonal mask): no compute spent on padding")
     gradient_checkpointing: bool = option(False, "recompute each layer in backward: less memory, slower steps")
@@ -158,7 +161,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
     train_records, val_records = split_validation(records, settings.val_set_size, settings.seed)
     torch.manual_seed(settings.seed)
     precision = resolve_precision(settings.precision, world.device)
-    model, tokenizer = load_model(settings.model, precision)
+    model, tokenizer = load_model(settings.model, precision, settings.quantize)
     model.to(world.device)
     template = Template(settings.template)
     encoded = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in train_records]

@@ -1,0 +1,44 @@
+"""A quantized frozen base through bitsandbytes (transformers' BitsAndBytesConfig): int8 (LLM.int8) or
+NF4 with double quantization, QLoRA's format. bitsandbytes has a CPU backend; it is an optional extra.
+
+Adapters never quantize their own weights: LoRA adds its full-precision update to the quantized layer's
+output, bottleneck and prompt adapters need nothing quantized. Merging needs the full-precision
+weights: `adapterkit merge` loads the base unquantized.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .errors import AdapterkitError
+
+QUANTIZE = ("none", "int8", "nf4")
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for `kind`, or None for "none"."""
+    if kind not in QUANTIZE:
+        raise AdapterkitError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {kind!r}")
+    if kind == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise AdapterkitError(f"--quantize {kind} needs bitsandbytes, which is not installed: "
+                              "pip install 'adapterkit[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A stored-quantized weight (int8 or packed 4-bit): it cannot take a float update in place."""
+    return not weight.is_floating_point()
+
+
+def quantized_layers(model: torch.nn.Module) -> int:
+    return sum(1 for m in model.modules() if hasattr(m, "weight") and isinstance(m.weight, torch.Tensor)
+               and is_quantized(m.weight) and not isinstance(m, torch.nn.Embedding))
