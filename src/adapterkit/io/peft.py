@@ -204,7 +204,10 @@ def refuse_unexportable(config: AdapterConfig) -> None:
     if config.method not in PEFT_TYPES:
         merge = ", or merge it into the base (adapterkit merge)" if method.mergeable else \
             "; it cannot be merged either (non-linear)"
-        raise AdapterkitError(f"PEFT has no {config.method} ({method.family} method): {own}{merge}")
+        what = "PEFT has no" if method.family == "adapter" else "adapterkit does not write PEFT's format of"
+        raise AdapterkitError(f"{what} {config.method} ({method.family} method) yet: {own}{merge}"
+                              if what != "PEFT has no" else f"PEFT has no {config.method} ({method.family} method): "
+                              f"{own}{merge}")
     if isinstance(config, LoraConfig) and config.target_parameters:
         raise AdapterkitError(f"exporting LoRA on fused expert weights (target_parameters) to PEFT is not supported "
                               f"yet: merge it into the base (adapterkit merge), or {own}")
