@@ -147,12 +147,21 @@ def _hf_dataset_records(path: Path) -> list[dict]:
         raise AdapterkitError(f"{path} is a folder but not a saved Hugging Face dataset (no dataset_info.json)")
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises JSON, Arrow and file errors for a damaged folder
+        raise AdapterkitError(f"{path} is not a readable saved Hugging Face dataset ({_first_line(exc)}); "
+                              "write it again with Dataset.save_to_disk") from exc
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise AdapterkitError(f"{path}: the dataset has splits {list(loaded)} but no 'train' split")
         loaded = loaded["train"]
     return loaded.to_list()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def encode(record: dict, tokenizer, template: Template, cutoff: int = 256,

@@ -70,7 +70,10 @@ def read_checkpoint(directory: Path) -> dict:
     """Every file of a checkpoint, parsed and checked, before anything is restored from it."""
     if not (directory / STATE_FILE).is_file():
         raise AdapterkitError(f"{directory} is not a complete checkpoint (no {STATE_FILE})")
-    _, weights = read_adapter(directory)
+    try:
+        _, weights = read_adapter(directory)
+    except AdapterkitError as exc:
+        raise AdapterkitError(f"checkpoint {directory.name} is damaged ({exc})") from exc
     try:
         state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
         tensors = load_file(str(directory / OPTIMIZER_FILE))
@@ -94,8 +97,9 @@ def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
         adapted.load_adapter_state_dict(saved["weights"])
         optimizer.load_state_dict(_optimizer_state(saved["tensors"], state["param_groups"]))
         scheduler.load_state_dict(state["scheduler"])
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise AdapterkitError(f"checkpoint {directory.name} does not fit this run ({exc})") from exc
+    except (ValueError, KeyError, RuntimeError, AdapterkitError) as exc:
+        raise AdapterkitError(f"checkpoint {directory.name} does not fit this run ({str(exc).splitlines()[0]}); "
+                              "resume with the settings it was saved with") from exc
     torch.set_rng_state(saved["tensors"]["rng.torch"])
     random.setstate(_tuples(state["python_rng"]))
     return {**state, "metrics": saved["metrics"]}
@@ -105,14 +109,19 @@ def latest_good_checkpoint(output: Path, warn) -> Path | None:
     """The newest checkpoint whose files all read back, newest first; each damaged one is reported
     through `warn` and skipped. None when there is no checkpoint at all."""
     found = checkpoint_dirs(output)
+    damaged = []
     for directory in reversed(found):
         try:
             read_checkpoint(directory)
-            return directory
         except AdapterkitError as exc:
-            warn(f"{exc}; resuming from the checkpoint before it")
+            damaged.append(str(exc))
+            continue
+        for reason in damaged:  # reported only once a checkpoint to fall back on is found
+            warn(f"{reason}; resuming from the checkpoint before it")
+        return directory
     if found:
-        raise AdapterkitError(f"every checkpoint in {output / 'checkpoints'} is damaged; start again without --resume")
+        raise AdapterkitError(f"every checkpoint in {output / 'checkpoints'} is damaged (the newest: {damaged[0]}); "
+                              "start again without --resume")
     return None
 
 

@@ -97,12 +97,21 @@ def foreign_files(directory: Path) -> list[str]:
     return sorted(p.name for p in Path(directory).iterdir() if p.name not in ours and not p.name.startswith(".tmp"))
 
 
+def check_folder_target(path: Path) -> None:
+    """A folder can be made (or used) at `path`: it is not a file, and no folder above it is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AdapterkitError(f"output {path} exists and is not a folder; choose another --output")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise AdapterkitError(f"output {path} cannot be made: {above} is a file; choose another --output")
+
+
 def check_output(path: Path, overwrite: bool, resuming: bool = False, resumable: bool = False) -> None:
     """Refuse a non-empty output folder unless resuming into it, or asked to overwrite a folder that
     holds only adapterkit's own outputs; nothing is created or removed here."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise AdapterkitError(f"output {path} exists and is not a folder; choose another --output")
+    check_folder_target(path)
     if not path.is_dir() or not any(path.iterdir()) or resuming:
         return
     if not overwrite:

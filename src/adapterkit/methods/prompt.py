@@ -238,7 +238,8 @@ def _init_prefixes(adapted, config: PrefixTuningConfig, part: Prefix) -> None:
     training = base.training
     base.eval()
     with torch.no_grad(), adapted.disabled():
-        cache = base(input_ids=ids[None].to(base.device), use_cache=True).cache
+        # A plain cache keeps all k positions in every layer (a sliding-window layer's own would drop some).
+        cache = base(input_ids=ids[None].to(base.device), use_cache=True, cache=DynamicCache()).cache
     base.train(training)
     per_layer = torch.stack([torch.stack([cache.layers[i].keys[0], cache.layers[i].values[0]])
                              for i in part.layers])  # [layers, 2, kv_heads, k, head_dim]
