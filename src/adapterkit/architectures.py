@@ -28,6 +28,11 @@ class Architecture:
     output), mlp_in is empty, experts the module holding the fused 3-D expert weights, router the
     gate, experts_layout how those weights are stored: "out_in" [experts, out, in] or "in_out".
     gguf: llama.cpp's name of the architecture (gguf.MODEL_ARCH_NAMES), None where it has none.
+    gguf_tensors: how llama.cpp's converter (convert_hf_to_gguf.py) stores the family's weights, where
+    adapterkit's GGUF writer follows it: "as-is" (each tensor unchanged under the gguf package's
+    TensorNameMap name, LLaMA-shaped hyperparameters), "reordered-qk" (the same, with the rows of the
+    query and key projections permuted to llama.cpp's rotary layout, its LlamaModel.permute), None
+    (the converter reshapes, transposes or offsets tensors: adapterkit writes no GGUF for it).
     """
 
     layers: str
@@ -48,6 +53,7 @@ class Architecture:
     router: str | None = None
     experts_layout: str = "out_in"
     gguf: str | None = None
+    gguf_tensors: str | None = None
 
     def query_roles(self) -> tuple[str, ...]:
         """The projections a default LoRA targets: query and value, or the fused projection."""
@@ -82,9 +88,9 @@ def _moe(**kw) -> Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": _llama_like(gguf="llama"),
-    "mistral": _llama_like(gguf="llama"),
-    "qwen2": _llama_like(gguf="qwen2"),
+    "llama": _llama_like(gguf="llama", gguf_tensors="reordered-qk"),
+    "mistral": _llama_like(gguf="llama", gguf_tensors="reordered-qk"),
+    "qwen2": _llama_like(gguf="qwen2", gguf_tensors="as-is"),
     "gemma": _llama_like(gguf="gemma"),
     "phi": _llama_like(attn_out="self_attn.dense", mlp_in=("mlp.fc1",), mlp_out="mlp.fc2", gguf="phi2"),
     "gpt2": Architecture(
@@ -143,6 +149,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "olmoe": _moe(gguf="olmoe"),
     "gpt_oss": _moe(router="mlp.router", experts_layout="in_out", gguf="gpt-oss"),
 }
+
+
+# GGUF's names for a byte-level BPE vocabulary (tokenizer.ggml.model) and for GPT-2's pre-tokenizer split
+# (tokenizer.ggml.pre, llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT2): format values that spell a family's name, so
+# they live here with the other family names (io/gguf_vocab.py writes them).
+GGUF_BPE_VOCAB = ("gpt2", "gpt-2")
 
 
 def register_architecture(model_type: str, architecture: Architecture, replace: bool = False) -> None:
