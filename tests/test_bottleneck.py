@@ -91,7 +91,7 @@ def test_options_reduction_factor_learned_scaling_layers_and_normal_init():
 ])
 def test_llm_adapters_preset_placements(family, series_site, parallel_sites):
     series = ak.adapt(tiny_model(family), AdapterHConfig(preset="llm-adapters"))
-    layer = ModelLayout(series.base_model).layer_path(0)
+    layer = ModelLayout(series.causal_lm).layer_path(0)
     assert [p for p in series.records["default"].parts if p.startswith(layer + ".")] == \
         [f"{layer}.{s}" for s in series_site]
     assert series.records["default"].config.bottleneck_size == 256
@@ -100,7 +100,7 @@ def test_llm_adapters_preset_placements(family, series_site, parallel_sites):
     assert kinds == ({"InputAdapter"} if family == "llama" else {"SeriesAdapter"})
     pfeiffer = ak.adapt(tiny_model(family), AdapterPConfig(preset="llm-adapters"))
     assert [p for p in pfeiffer.records["default"].parts if p.startswith(layer + ".")] == \
-        [f"{layer}.{ModelLayout(pfeiffer.base_model).arch.mlp_out}"]
+        [f"{layer}.{ModelLayout(pfeiffer.causal_lm).arch.mlp_out}"]
     parallel = ak.adapt(tiny_model(family), ParallelConfig(preset="llm-adapters"))
     assert sorted(p for p in parallel.records["default"].parts if p.startswith(layer + ".")) == \
         sorted(f"{layer}.{s}" for s in parallel_sites)
