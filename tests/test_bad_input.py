@@ -200,7 +200,11 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
     ("data-instruction-number", lambda w, d: train(w, d, data=write(d, "r.json", '[{"instruction": 5}]')),
      "record 1 lacks"),
     ("data-output-list", lambda w, d: train(w, d, data=write(d, "r.json", '[{"instruction": "a", "output": [1]}]')),
-     "record 1 lacks"),
+     "record 1 has a list as 'output'; it must be text"),
+    ("data-output-null", lambda w, d: train(w, d, data=write(d, "r.json", '[{"instruction": "a", "output": null}]')),
+     "record 1 has null as 'output'; it must be text"),
+    ("data-input-object", lambda w, d: train(w, d, data=write(d, "r.json", json.dumps(
+        [*RECORDS, {"instruction": "a", "input": {"x": 1}, "output": "b"}]))), "record 17 has an object as 'input'"),
     ("data-binary", lambda w, d: train(w, d, data=write(d, "b.json", bytes(range(256)) * 4)), "binary data"),
     ("data-latin-1", lambda w, d: train(w, d, data=write(d, "l.json", json.dumps(
         [{"instruction": "café", "output": "ok"}], ensure_ascii=False).encode("latin-1"))), "not UTF-8 text"),
@@ -356,6 +360,12 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
         w, d, "--lora-r", "2", "--max-steps", "2", "--resume",
         sorted((checkpoint_copy(w, d, overwrite_file("trainer_state.json", b"{")) / "checkpoints").iterdir())[-1],
         output=d / "out"), "is damaged"),
+    ("resume-state-position-list", lambda w, d: resume_damaged(w, d, put("position", [])), "position is a list"),
+    ("resume-state-best-missing", lambda w, d: resume_damaged(w, d, drop_best), "position.best is not a validation"),
+    ("resume-state-rng-broken", lambda w, d: resume_damaged(w, d, put("python_rng", [3, [1, 2], None])),
+     "python_rng is not a random generator's state"),
+    ("resume-metrics-row-not-object", lambda w, d: resume_damaged(w, d, None, metrics="5\n"),
+     "metrics.jsonl holds a row that is not a step's metrics"),
     ("resume-auto-all-damaged", lambda w, d: train(w, d, "--lora-r", "2", "--max-steps", "2", "--resume", "auto",
                                                    output=_all_damaged(w, d)), "every checkpoint in"),
     ("resume-other-data", lambda w, d: train(w, d, "--lora-r", "2", "--max-steps", "3", "--resume", "auto",
@@ -456,6 +466,24 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
     ("verify-missing", lambda w, d: ["verify", str(d / "none"), "--model", str(w.llama)], "failed verification"),
     ("unknown-command", lambda w, d: ["fine-tune"], "invalid choice: 'fine-tune'"),
 ]
+
+
+def drop_best(state):
+    state["position"].pop("best")
+
+
+def resume_damaged(w: World, d: Path, change, metrics: str | None = None) -> list[str]:
+    """--resume naming the finished run's newest checkpoint, its trainer_state.json (or metrics) changed."""
+    def damage(ckpt: Path) -> None:
+        if change is not None:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            change(state)
+            (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        if metrics is not None:
+            (ckpt / "metrics.jsonl").write_text(metrics)
+    out = checkpoint_copy(w, d, damage)
+    return train(w, d, "--lora-r", "2", "--max-steps", "3", "--resume", sorted((out / "checkpoints").iterdir())[-1],
+                 output=out)
 
 
 def _all_damaged(w: World, d: Path) -> Path:

@@ -287,6 +287,13 @@ def test_read_only_output_stops_with_one_line_and_keeps_the_last_checkpoint(tiny
             folder.chmod(0o755)
 
 
+def test_folders_that_only_look_like_checkpoints_are_skipped(tmp_path):
+    for name in ("step-0000002", "step-abc", "step-0000004 copy", ".tmp-step-0000006"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "trainer_state.json").write_text("{}")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-0000002"]
+
+
 # ----- one test per item of part 1 -----------------------------------------------------------------
 def _trained_lora(tmp_path: Path, family: str = "llama") -> Path:
     adapted = ak.adapt(tiny_model(family), ak.LoraConfig(r=4, alpha=8))

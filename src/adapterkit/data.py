@@ -90,10 +90,17 @@ def read_records(path: str | Path) -> list[dict]:
     if not records:
         raise AdapterkitError(f"{path}: the dataset is empty")
     for number, record in enumerate(records, 1):
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) \
-                or not isinstance(record.get("output", ""), str):
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
             raise AdapterkitError(f"{path}: record {number} lacks a string 'instruction' (and 'output')")
+        for key, empty in (("input", (None,)), ("output", ())):  # absent is empty; other values would be printed
+            if key in record and record[key] not in empty and not isinstance(record[key], str):
+                kind = _JSON_KINDS.get(type(record[key]), type(record[key]).__name__)
+                raise AdapterkitError(f"{path}: record {number} has {kind} as '{key}'; it must be text")
     return records
+
+
+_JSON_KINDS = {dict: "an object", list: "a list", type(None): "null", bool: "true/false", int: "a number",
+               float: "a number"}
 
 
 def read_text(path: Path) -> str:

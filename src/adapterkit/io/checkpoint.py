@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def checkpoint_dirs(output: Path) -> list[Path]:
     root = output / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
@@ -82,10 +83,39 @@ def read_checkpoint(directory: Path) -> dict:
             if metrics_file.is_file() else None
     except (OSError, ValueError, SafetensorError) as exc:
         raise AdapterkitError(f"checkpoint {directory.name} is damaged ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(state, dict) or not {"step", "position", "param_groups", "scheduler", "python_rng"} <= set(state) \
-            or "rng.torch" not in tensors:
-        raise AdapterkitError(f"checkpoint {directory.name} is damaged (its state lacks entries)")
+    problem = _state_problem(state, tensors, metrics)
+    if problem:
+        raise AdapterkitError(f"checkpoint {directory.name} is damaged ({problem})")
     return {"weights": trainable_only(weights), "state": state, "tensors": tensors, "metrics": metrics}
+
+
+def _state_problem(state, tensors: dict, metrics) -> str | None:
+    """What is wrong with a checkpoint's parsed state, for the entries a resumed run reads; None if nothing."""
+    kinds = {"step": int, "position": dict, "param_groups": list, "scheduler": dict, "python_rng": list}
+    if not isinstance(state, dict) or not set(kinds) <= set(state) or "rng.torch" not in tensors:
+        return "its state lacks entries"
+    wrong = [k for k, kind in kinds.items() if not isinstance(state[k], kind) or isinstance(state[k], bool)]
+    if wrong:
+        return f"{STATE_FILE}: {wrong[0]} is a {type(state[wrong[0]]).__name__}"
+    best = state["position"].get("best")
+    if not isinstance(best, dict) or not isinstance(best.get("val_loss"), (int, float)) \
+            or not isinstance(best.get("step"), (int, type(None))):
+        return f"{STATE_FILE}: position.best is not a validation record"
+    data = state["position"].get("data") or []
+    if not isinstance(data, list) or not all(isinstance(d, dict) and isinstance(d.get("sha256"), str) for d in data):
+        return f"{STATE_FILE}: position.data is not a list of data files"
+    if state["step"] < 0:
+        return f"{STATE_FILE}: step {state['step']} is negative"
+    try:
+        random.Random().setstate(_tuples(state["python_rng"]))
+    except (TypeError, ValueError, OverflowError):
+        return f"{STATE_FILE}: python_rng is not a random generator's state"
+    rng = tensors["rng.torch"]
+    if rng.dtype != torch.uint8 or rng.dim() != 1:
+        return f"{OPTIMIZER_FILE}: rng.torch is not a torch generator's state"
+    if metrics is not None and not all(isinstance(m, dict) and isinstance(m.get("step"), int) for m in metrics):
+        return f"{METRICS_FILE} holds a row that is not a step's metrics"
+    return None
 
 
 def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
@@ -97,11 +127,15 @@ def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
         adapted.load_adapter_state_dict(saved["weights"])
         optimizer.load_state_dict(_optimizer_state(saved["tensors"], state["param_groups"]))
         scheduler.load_state_dict(state["scheduler"])
-    except (ValueError, KeyError, RuntimeError, AdapterkitError) as exc:
+    except (ValueError, KeyError, RuntimeError, TypeError, AdapterkitError) as exc:
         raise AdapterkitError(f"checkpoint {directory.name} does not fit this run ({str(exc).splitlines()[0]}); "
                               "resume with the settings it was saved with") from exc
-    torch.set_rng_state(saved["tensors"]["rng.torch"])
-    random.setstate(_tuples(state["python_rng"]))
+    try:
+        torch.set_rng_state(saved["tensors"]["rng.torch"])
+        random.setstate(_tuples(state["python_rng"]))
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise AdapterkitError(f"checkpoint {directory.name} is damaged (its random state does not restore: "
+                              f"{str(exc).splitlines()[0]})") from exc
     return {**state, "metrics": saved["metrics"]}
 
 
