@@ -27,14 +27,14 @@ import torch
 
 from adapterkit.bench.train_speed import ROOT, machine, write_section
 
-PACKAGE = "llama-cpp-python"
+PACKAGE = "llama_cpp_python"  # PyPI's llama-cpp-python (pip normalises the name)
 VERSION = "0.3.36"
 
 
 def site_dir() -> Path:
     from adapterkit.models import cache_dir
 
-    return cache_dir() / "llama-cpp-python"
+    return cache_dir() / PACKAGE
 
 
 def install(log: Path) -> str | None:
@@ -119,11 +119,12 @@ def agreement(reference: list[list[int]], got: list[list[int]]) -> dict:
 def run(args) -> str:
     from adapterkit.cli import main as cli
 
-    work = Path(tempfile.mkdtemp(prefix="llama-cpp-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="gguf-runtime-bench-"))
     failure = install(work / "pip.log")
     if failure:
-        return f"llama-cpp-python could not be used: {failure}"
+        return f"{PACKAGE} could not be used: {failure}"
     import llama_cpp
+    from llama_cpp import Llama as Runtime
 
     adapted, tokenizer = build_adapter(work / "adapter")
     for name, flags in (("lora.gguf", []), ("merged-f32.gguf", ["--merged", "--outtype", "f32"]),
@@ -138,16 +139,16 @@ def run(args) -> str:
     setups = {"base f32 + LoRA GGUF (--lora)": (work / "ollama" / "base.gguf", work / "lora.gguf"),
               "merged f32": (work / "merged-f32.gguf", None), "merged q8_0": (work / "merged-q8_0.gguf", None)}
     for label, (model_path, lora_path) in setups.items():
-        llm = llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None,
+        llm = Runtime(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None,
                               n_ctx=1024, n_threads=os.cpu_count() or 2, seed=0, verbose=False)
         got = [theirs(llm, p, args.new_tokens, tokenizer.eos_token_id) for p in ids]
         rows.append((label, agreement(reference, got)))
         del llm
-    lines = ["| llama.cpp runs | prompts with identical greedy output | mean tokens before the first difference |",
+    lines = ["| GGUF files run | prompts with identical greedy output | mean tokens before the first difference |",
              "| --- | --- | --- |"]
     for label, a in rows:
         lines.append(f"| {label} | {a['identical']} / {a['prompts']} | {a['prefix']:.1f} of {a['tokens']:.1f} |")
-    return (f"llama-cpp-python {llama_cpp.__version__} (built from the sdist), default model, LoRA r 8 on every "
+    return (f"{PACKAGE} {llama_cpp.__version__} (built from the sdist), default model, LoRA r 8 on every "
             f"linear layer (random B, seed 0); {args.prompts} gsm8k questions in the alpaca template, {args.new_tokens} "
             "new tokens, greedy; reference: adapterkit fp32 with the adapter unmerged; the same token ids on both "
             "sides.\n\n" + "\n".join(lines))
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     body = run(args)
-    report = (f"## adapterkit's GGUF files in llama.cpp\n\nCommand: `python -m adapterkit.bench.llama_cpp`  \n"
+    report = (f"## adapterkit's GGUF files in llama_cpp ({PACKAGE})\n\nCommand: `python -m adapterkit.bench.llama_cpp`  \n"
               f"Date: {datetime.date.today()}  \nMachine: {machine()}\n\n{body}\n")
     write_section(ROOT / "BENCHMARKS.md", report, name="llama_cpp")
     print(body)
