@@ -141,11 +141,11 @@ def _resume(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _kill_points() -> list:
-    """Three seeded random micro-batches (any step, checkpoint or not), and the first step, before any
-    checkpoint exists: resume then starts from the beginning."""
+    """Three seeded random micro-batches after the first checkpoint (mid-step or at a step's start), and
+    one in the first step, before any checkpoint exists: resume then starts from the beginning."""
     points = []
     for seed in (0, 1, 2):
-        index = random.Random(seed).randrange(2, STEPS * MICRO_PER_STEP)
+        index = random.Random(seed).randrange(SAVE_EVERY * MICRO_PER_STEP + 2, STEPS * MICRO_PER_STEP)
         points.append(pytest.param(index, id=f"seed{seed}-microbatch{index}"))
     return [*points, pytest.param(2, id="before-the-first-checkpoint")]
 
@@ -435,7 +435,7 @@ def _greedy_without_cache(adapted, ids, mask, steps):
 
 
 @pytest.mark.parametrize("method", ["prefix-tuning", "p-tuning-v2"])
-@pytest.mark.parametrize("family", FAMILIES + TODAY_FAMILIES)
+@pytest.mark.parametrize("family", sorted({*FAMILIES, *TODAY_FAMILIES}))
 def test_item_9_prefix_generation_keeps_its_cache(family, method):
     """generate(use_cache=False), and a base whose generation_config turns the cache off, give the cached
     run's tokens and logits: the prefixes live in the cache, so generation must keep it. Left padding on
