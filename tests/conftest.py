@@ -6,6 +6,10 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download; a test that tries fails
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one thread each
+    import torch
+
+    torch.set_num_threads(1)
 
 from tiny_models import save_tiny  # noqa: E402
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tiny_models import HEADS, HIDDEN, LAYERS, tiny_model
+from tiny_models import HEADS, HIDDEN, LAYERS, TODAY_FAMILIES, tiny_model
 from torch import Tensor
 
 import adapterkit as ak
@@ -27,7 +27,7 @@ HEAD_DIM = HIDDEN // HEADS
 # parallel 1.19, prompt-tuning 0.107, p-tuning 0.167, prefix-tuning 0.73, p-tuning-v2 0.146.
 STEPS = 15
 # Key/value heads of each tiny family, from its config in tiny_models.py (grouped or multi-query).
-KV_HEADS = {"llama": 2, "mistral": 2, "qwen2": 2, "gemma": 1, "falcon": 1}
+KV_HEADS = {"llama": 2, "mistral": 2, "qwen2": 2, "gemma": 1, "falcon": 1, **dict.fromkeys(TODAY_FAMILIES, 2)}
 
 
 def kv_width(family: str) -> int:
@@ -72,7 +72,9 @@ def _lora_targets(family: str, adapted) -> None:
     default = ak.adapt(tiny_model(family), ak.LoraConfig()).records["default"].parts
     assert len(default) == LAYERS * (1 if arch.qkv else 2)
     targets = adapted.records["default"].parts
-    assert len(targets) == LAYERS * (len(arch.mlp_in) + 2 + (1 if arch.qkv else 3))
+    in_layers = [p for p, m in tiny_model(family).named_modules()
+                 if p.startswith(arch.layers + ".") and is_linear(m)]  # every linear layer the decoder has
+    assert sorted(targets) == sorted(in_layers)
     assert "lm_head" not in targets
     assert all(is_linear(adapted.causal_lm.get_submodule(p).base_layer) for p in targets)
 
@@ -111,6 +113,21 @@ def _prefix_tuning_trainable(family: str, adapted) -> int:
     return K * w + linear_params(w, ENCODER) + linear_params(ENCODER, LAYERS * 2 * w)
 
 
+# ----- (IA)3 -----------------------------------------------------------------------------------------
+def _ia3_trainable(family: str, adapted) -> int:
+    """One scale per output feature of the key and value projections (or the fused qkv), and per input
+    feature of the MLP's output projection, read from the modules' own shapes."""
+    model, arch = tiny_model(family), adapted.layout.arch
+    total = 0
+    for i in range(LAYERS):
+        layer = model.get_submodule(f"{arch.layers}.{i}")
+        for role in ("qkv",) if arch.qkv else ("k", "v"):
+            total += linear_shape(layer.get_submodule(getattr(arch, role)))[1]
+        mlp_out = layer.get_submodule(arch.mlp_out)
+        total += linear_shape(mlp_out)[0] if is_linear(mlp_out) else 0
+    return total
+
+
 CASES: dict[str, MethodCase] = {
     "lora": MethodCase(config=_lora_config, starts_as_base=True, trainable=_lora_trainable, lr=1e-2, steps=STEPS,
                        loss_drop=0.6, mergeable=True, check_attached=_lora_targets),
@@ -124,6 +141,8 @@ CASES: dict[str, MethodCase] = {
     "prefix-tuning": _prompt(
         lambda family: ak.PrefixTuningConfig(num_virtual_tokens=K, encoder_hidden_size=ENCODER),
         _prefix_tuning_trainable, loss_drop=0.3),
+    "ia3": MethodCase(config=lambda family: ak.get_method("ia3").config_class(), starts_as_base=True,
+                      trainable=_ia3_trainable, lr=5e-2, steps=STEPS, loss_drop=0.2, mergeable=True),
     "p-tuning-v2": _prompt(lambda family: ak.PTuningV2Config(num_virtual_tokens=K),  # prefixes trained directly
                            lambda family, adapted: K * LAYERS * 2 * kv_width(family), loss_drop=0.07),
 }

@@ -130,9 +130,14 @@ def test_architecture_table_matches_model(family):
     if family == "falcon":
         expected_kv = 1  # multi-query
     assert layout.shape.kv_heads == expected_kv
-    roles = ["attn_out", "mlp_out"] + (["qkv"] if layout.arch.qkv else ["q", "k", "v"])
+    roles = ["attn_out"] + (["qkv"] if layout.arch.qkv else ["q", "k", "v"]) + (["mlp_out"] if layout.arch.mlp_in else [])
     for role in roles:
         assert is_linear(model.get_submodule(layout.site(1, role))), role
+    if layout.arch.experts:  # a mixture-of-experts block: fused 3-D expert weights, a router
+        experts = model.get_submodule(layout.site(1, "experts"))
+        assert any(p.dim() == 3 for p in experts.parameters(recurse=False))
+        assert model.get_submodule(layout.site(1, "router")).weight.shape[0] == \
+            next(p for p in experts.parameters(recurse=False) if p.dim() == 3).shape[0]
     for path in layout.arch.mlp_in:
         assert is_linear(model.get_submodule(f"{layout.layer_path(0)}.{path}"))
     assert isinstance(model.get_submodule(layout.arch.embeddings), torch.nn.Embedding)

@@ -7,6 +7,7 @@ import ast
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tokenize
@@ -25,7 +26,7 @@ LAYERS = [
      "adapterkit.data", "adapterkit.tasks", "adapterkit.resources", "adapterkit.hardware", "adapterkit.packing",
      "adapterkit.quantization"),
     ("adapterkit.methods",),
-    ("adapterkit.core",),
+    ("adapterkit.core", "adapterkit.merging"),
     ("adapterkit.training",),
     ("adapterkit.io",),
     ("adapterkit.recipes", "adapterkit.serving"),
@@ -162,9 +163,13 @@ def test_wheel_installs_and_evaluates_without_the_checkout(tmp_path, tiny_llama_
     root = SRC.parents[1]
     if not (root / "pyproject.toml").is_file():
         pytest.fail("run from a checkout: the wheel is built from pyproject.toml")
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheels), str(root)], check=True, capture_output=True)
+                    str(wheels), str(source)], check=True, capture_output=True)
     (wheel,) = wheels.glob("adapterkit-*.whl")
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)

@@ -123,7 +123,8 @@ def test_export_loads_in_peft(tmp_path, family, case):
     batch = tiny_batch(seed=1)
     adapted = _adapted(family, case)
     out = peft_format.export_peft(adapted, tmp_path / "peft")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["adapter_config.json",
+                                                                              "adapter_model.safetensors"]
     loaded = peft.PeftModel.from_pretrained(tiny_model(family, seed=0), out).eval()
     written = json.loads((out / "adapter_config.json").read_text())
     assert set(written) <= {f.name for f in dataclasses.fields(loaded.peft_config["default"])}  # PEFT's

@@ -66,7 +66,7 @@ CLASSIC_FAMILIES = sorted(_CONFIGS)
 TODAY_FAMILIES = sorted(_TODAY)
 MOE_FAMILIES = ["gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 _CONFIGS.update(_TODAY)
-FAMILIES = CLASSIC_FAMILIES
+FAMILIES = sorted(_CONFIGS)
 
 
 def tiny_config(family: str):

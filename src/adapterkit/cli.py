@@ -29,6 +29,7 @@ def _commands() -> dict[str, tuple[str, type]]:
     from .recipes.info import InfoSettings
     from .recipes.inspect import InspectSettings
     from .recipes.merge import MergeSettings
+    from .recipes.serve import ServeSettings
     from .recipes.study import StudySettings
     from .recipes.train import TrainSettings
     from .recipes.verify import VerifySettings
@@ -43,6 +44,7 @@ def _commands() -> dict[str, tuple[str, type]]:
         "merge": ("merge an adapter into the base and write a plain HF checkpoint", MergeSettings),
         "export": ("write an adapter in another format: peft (Hugging Face PEFT), gguf, ollama", ExportSettings),
         "check": ("can a serving target (vllm, llamacpp, ollama, peft, tgi) carry the adapter as it is", CheckSettings),
+        "serve": ("an OpenAI-compatible server for the base model and many adapters at once", ServeSettings),
         "demo": ("the README's main job on the default model", DemoSettings),
         "study": ("LLM-Adapters' comparison: methods x tasks x seeds with a learning-rate pilot, a leaderboard "
                   "and plots", StudySettings),
@@ -202,8 +204,9 @@ def run_command(command: str, settings) -> int:
     elif command == "verify":
         from .recipes.verify import verify
 
-        if not verify(settings):
-            raise AdapterkitError(f"{settings.adapter} failed verification (see the FAIL line above)")
+        failed: list[str] = []
+        if not verify(settings, report=lambda line: (print(line), line.startswith("FAIL") and failed.append(line))):
+            raise AdapterkitError(f"{settings.adapter} failed verification: {failed[0].removeprefix('FAIL').strip()}")
     elif command == "merge":
         from .recipes.merge import merge
 
@@ -230,6 +233,10 @@ def run_command(command: str, settings) -> int:
 
         study(settings)
         print(f"leaderboard: {settings.output}/leaderboard.md; plots: {settings.output}/plots/")
+    elif command == "serve":
+        from .recipes.serve import serve
+
+        serve(settings)
     elif command == "demo":
         from .recipes.demo import run_demo
 

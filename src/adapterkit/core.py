@@ -18,13 +18,13 @@ from torch import nn
 from .architectures import Architecture, ModelLayout
 from .config import AdapterConfig
 from .errors import AdapterkitError
+from .merging import Merging
 from .methods import get_method
 from .sites import (
     AdapterSite,
     AdapterState,
     Effect,
     InputHook,
-    base_module,
     logical_modules,
     replace_module,
     site_at,
@@ -43,7 +43,7 @@ class AdapterRecord:
     trained_steps: int = 0  # set by the training recipe; a trained adapter must change the logits
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(Merging, nn.Module):
     """A causal LM with parameter-efficient adapters. Build it with `adapterkit.adapt`.
 
     `state_dict()` and `load_state_dict()` hold the adapter parameters only, so tools that
@@ -311,60 +311,6 @@ class AdaptedModel(nn.Module):
         if len(self.records) == 1:
             return next(iter(self.records))
         raise AdapterkitError(f"several adapters ({', '.join(self.records)}): name the one you mean")
-
-    # ----- merging --------------------------------------------------------------------------
-    def merge(self, name: str | None = None) -> None:
-        """Fold an adapter into the base weights (exact algebra in fp32); forward then skips it."""
-        name = name or self._single_name()
-        record = self._record(name)
-        if record.merged:
-            raise AdapterkitError(f"adapter {name!r} is already merged")
-        not_mergeable = [p for p, part in record.parts.items() if not getattr(part, "mergeable", False)]
-        if not_mergeable:
-            raise AdapterkitError(
-                f"{record.config.method} adapter {name!r} cannot be merged into the base weights "
-                f"(e.g. at {not_mergeable[0]}); use it unmerged, or train a mergeable method (see `adapterkit methods`)")
-        tied = self._tied_parameters()
-        for path, part in record.parts.items():
-            if part.replaces_base and any(id(p) in tied for p in base_module(self.causal_lm, path).parameters()):
-                raise AdapterkitError(f"{path} shares its weight with another module (tied embeddings): merging "
-                                      f"its trained copy would change both; keep adapter {name!r} unmerged")
-        for path, part in record.parts.items():
-            site = self.causal_lm.get_submodule(path)
-            part.merge_into(site.base_layer, +1.0)
-            site.merged.append(name)
-        record.merged = True
-
-    def _tied_parameters(self) -> set[int]:
-        """ids of base parameters registered under more than one module."""
-        owners: dict[int, int] = {}
-        for _, module in logical_modules(self.causal_lm):
-            for p in module.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        return {key for key, count in owners.items() if count > 1}
-
-    def unmerge(self, name: str | None = None) -> None:
-        """Undo `merge`."""
-        name = name or self._single_name()
-        record = self._record(name)
-        if not record.merged:
-            raise AdapterkitError(f"adapter {name!r} is not merged")
-        for path, part in record.parts.items():
-            site = self.causal_lm.get_submodule(path)
-            part.merge_into(site.base_layer, -1.0)
-            site.merged.remove(name)
-        record.merged = False
-
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters and return the plain transformers model, sites removed."""
-        for name in self.state.active:
-            if not self.records[name].merged:
-                self.merge(name)
-        for path, _ in list(self.sites()):
-            replace_module(self.causal_lm, path, self.causal_lm.get_submodule(path).base_layer)
-        self.records.clear()
-        self.state.active = []
-        return self.causal_lm
 
     def sites(self) -> Iterator[tuple[str, AdapterSite]]:
         for path, module in logical_modules(self.causal_lm):

@@ -20,7 +20,12 @@ from .errors import AdapterkitError
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors, as every adapterkit command prints them."""
+    """argparse with one-line usage errors, as every adapterkit command prints them, and no abbreviated
+    flags (`--learning-rat` must not silently mean --learning-rate)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"adapterkit: error: {message} (see `{self.prog} --help`)\n")

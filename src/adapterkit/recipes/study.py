@@ -66,7 +66,7 @@ class StudySettings:
             if self.tasks == [MATH_SLICE]:
                 self.tasks = [MATH_SLICE, "boolq", "piqa"]
         if self.preset == "llm-adapters":
-            raise AdapterkitError("--preset llm-adapters (its per-method settings on LLaMA-7B) needs a GPU and the "
+            raise AdapterkitError("--preset llm-adapters (its per-method settings on a 7B model) needs a GPU and the "
                                   "model; it is documented in the README, not runnable here")
         check_fields(self)
         if self.train_data is None:
