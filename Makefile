@@ -4,9 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# Chromium and its driver for the playground's browser test (tests/test_serve.py), from Debian's
+# packages; nothing to do when both are installed. Installing needs root; otherwise it says how.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "make setup: chromium is missing; as root run: apt-get install -y chromium chromium-driver" \
+			"(the browser test fails without it)" >&2; \
+	fi
 
 # torch first, pinned: an unpinned torch request would pull GBs of CUDA wheels.
 $(STAMP): pyproject.toml constraints.txt
@@ -20,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/adapterkit demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q tests
 
