@@ -119,8 +119,8 @@ def test_adapter_from_another_base_is_refused(tmp_path):
 def test_targets_that_match_nothing_list_the_linear_modules():
     with pytest.raises(ak.AdapterkitError, match=r"\['query'\] match no module.*q_proj, k_proj"):
         ak.adapt(tiny_model("llama"), ak.LoraConfig(target_modules=["query"]))
-    with pytest.raises(ak.AdapterkitError, match="LlamaMLP, not a linear module"):
-        ak.adapt(tiny_model("llama"), ak.LoraConfig(target_modules=["mlp"]))
+    with pytest.raises(ak.AdapterkitError, match="LlamaAttention, not a linear module"):
+        ak.adapt(tiny_model("llama"), ak.LoraConfig(target_modules=["self_attn"]))
 
 
 @torch.no_grad()

@@ -21,8 +21,9 @@ CONFIGS = {
     "p-tuning": ak.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16),
     "prefix-tuning": ak.PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16),
     "p-tuning-v2": ak.PTuningV2Config(num_virtual_tokens=4, prefix_init="random"),
+    "ia3": ak.get_method("ia3").config_class(),
 }
-LR = {"prompt-tuning": 5e-2, "p-tuning": 1e-2, "prefix-tuning": 1e-2, "p-tuning-v2": 5e-2}
+LR = {"ia3": 5e-2, "prompt-tuning": 5e-2, "p-tuning": 1e-2, "prefix-tuning": 1e-2, "p-tuning-v2": 5e-2}
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,7 @@ def _timed(rows: int, run) -> dict:
 
 
 @torch.no_grad()
-def base_batch(texts: list[str]) -> dict[str, dict]:
+def base_batch(texts: list[str], with_generate: bool) -> dict[str, dict]:
     """The base model alone, all rows in one batch, 64 tokens each: transformers' `generate` (what
     `adapterkit eval` calls), and a plain decoding loop (forward + DynamicCache, as the server's)."""
     import adapterkit as ak
@@ -162,12 +162,14 @@ def base_batch(texts: list[str]) -> dict[str, dict]:
                         use_cache=True)
             cache, last, position = out.cache, out.logits[:, -1].argmax(-1), position + 1
 
-    return {"loop": _timed(len(texts), loop),
-            "generate": _timed(len(texts), lambda: model.generate(**kwargs, max_new_tokens=NEW_TOKENS,
-                                                                  min_new_tokens=NEW_TOKENS))}
+    runs = {"loop": _timed(len(texts), loop)}
+    if with_generate:
+        runs["generate"] = _timed(len(texts), lambda: model.generate(**kwargs, max_new_tokens=NEW_TOKENS,
+                                                                     min_new_tokens=NEW_TOKENS))
+    return runs
 
 
-def start_server(adapters: list[str], max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(adapters: list[str], max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
     """`adapterkit serve` in its own process (the clients here do not share its interpreter)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -175,7 +177,8 @@ def start_server(adapters: list[str], max_batch: int) -> tuple[subprocess.Popen,
     command = [sys.executable, "-m", "adapterkit", "serve", "--port", str(port), "--max-batch-size", str(max_batch),
                "--max-queue", "256", "--adapter", ",".join(adapters)]
     log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall the server
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 900
     while True:
         try:
@@ -194,8 +197,8 @@ def health(url: str) -> dict:
         return json.loads(response.read())
 
 
-def measure_server(adapters: list[str], clients: int, sequential: int, max_batch: int) -> dict[str, dict]:
-    process, url = start_server(adapters, max_batch)
+def measure_server(adapters: list[str], clients: int, sequential: int, max_batch: int, threads: int) -> dict[str, dict]:
+    process, url = start_server(adapters, max_batch, threads)
     try:
         names = [a.split("=", 1)[0] for a in adapters]
         base = health(url)["base"]
@@ -227,21 +230,24 @@ def render(rows: list[tuple[str, dict]], base: float, args, stats: dict) -> str:
         lines.append(f"| {label} | {r['requests']} | {r['tokens']} | {r['wall']:.1f} | {r['tokens_per_s']:.1f} | "
                      f"{r['tokens_per_s'] / base:.2f}x | {seconds(r['ttft_p50'])} | {seconds(r['ttft_p95'])} | "
                      f"{r['load']:.1f} |")
-    return ("## Serving: 8 adapters, 32 concurrent streaming clients\n\n"
-            f"Command: `python -m adapterkit.bench.serve_load --clients {args.clients} --sequential {args.sequential}`  \n"
+    return (f"## Serving: 8 adapters, {args.clients} concurrent streaming clients\n\n"
+            f"Command: `python -m adapterkit.bench.serve_load --clients {args.clients} --sequential {args.sequential} "
+            f"--threads {args.threads}`  \n"
             f"Date: {datetime.date.today().isoformat()}  \nMachine: {machine()}; the 2 cores were shared (the last "
             "column: the 1-minute load average as each run started; 2.0 would be the cores to ourselves)\n\n"
             f"`adapterkit serve` on the default model (fp32, CPU) with 8 adapters: LoRA (q/v r8, all-linear r8, "
             "attention r16, DoRA r8), AdapterH, AdapterP (bottleneck 64), prompt tuning and P-Tuning v2 (20 virtual "
             f"tokens). Each client streams one completion, greedy, {NEW_TOKENS} new tokens, over HTTP on 127.0.0.1; "
-            f"clients take the adapters in turn (4 each). Batch limit {args.max_batch} rows. The LoRA and bottleneck "
+            f"clients take the adapters in turn. Batch limit {args.max_batch} rows; {args.threads} torch thread(s) in the "
+            "server and in the base runs. The LoRA and bottleneck "
             "rows decode in one mixed batch; each prompt method in a batch of its own, so a step is 3 forwards. "
             f"In the 8-adapter run the scheduler ran {stats['steps']} decoding steps (one forward of one batch each) "
             f"and {stats['joined']} requests joined a batch already decoding. The server runs in its own process, the clients in another; TTFT is measured by "
             "the client (request sent to first text). The base model alone ran before and after the server, all rows in one "
-            "batch: a plain decoding loop (prefill with logits at the last position only, then forward + DynamicCache "
-            "per token, as the server's scheduler does) and transformers' `generate` (what `adapterkit eval` calls; it "
-            "computes the prefill's logits at every position). Ratios are against the mean of the two loop runs.\n\n" + "\n".join(lines) + "\n")
+            "batch, as a plain decoding loop (prefill with logits at the last position only, then forward + DynamicCache "
+            "per token, as the server's scheduler does), and once, after, through transformers' "
+            "`generate` (what `adapterkit eval` calls; it computes the prefill's logits at every position). Ratios are "
+            "against the mean of the two loop runs.\n\n" + "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -249,23 +255,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--sequential", type=int, default=8, help="requests of the one-at-a-time run")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the base runs "
+                        "(1: on shared cores, more threads than free cores slow everything down many times)")
     parser.add_argument("--write", default=str(ROOT / "BENCHMARKS.md"), help="'' to print only")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     print("the base model batched, no server", flush=True)
-    before = base_batch(prompts(args.clients))
+    before = base_batch(prompts(args.clients), with_generate=False)
     with tempfile.TemporaryDirectory() as tmp:
         print("saving 8 adapters; starting the server (it verifies each)", flush=True)
-        runs = measure_server(save_adapters(Path(tmp)), args.clients, args.sequential, args.max_batch)
-    print("the base model batched again", flush=True)
-    after = base_batch(prompts(args.clients))
+        runs = measure_server(save_adapters(Path(tmp)), args.clients, args.sequential, args.max_batch, args.threads)
+    print("the base model batched again, and transformers' generate", flush=True)
+    after = base_batch(prompts(args.clients), with_generate=True)
     n = args.clients
     rows = [(f"server, 8 adapters, {n} concurrent clients", runs["adapters"]),
             (f"server, the same {n} clients all on the base model", runs["base"]),
             (f"server, 8 adapters, one request at a time ({args.sequential} requests)", runs["alone"]),
             (f"base model, plain batched decoding loop ({n} rows, no server), before", before["loop"]),
             ("the same, after", after["loop"]),
-            (f"base model, transformers `generate` ({n} rows, no server), before", before["generate"]),
-            ("the same, after", after["generate"])]
+            (f"base model, transformers `generate` ({n} rows, no server)", after["generate"])]
     reference = (before["loop"]["tokens_per_s"] + after["loop"]["tokens_per_s"]) / 2
     table = render(rows, reference, args, runs["adapters"]["scheduler"])
     print(table)
