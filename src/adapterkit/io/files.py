@@ -135,3 +135,14 @@ def clear_outputs(path: Path) -> None:
             elif target.exists() or target.is_symlink():
                 target.unlink()
     (path / MANIFEST).unlink(missing_ok=True)
+
+
+def publish_folder(tmp: Path, out: Path) -> None:
+    """Move a fully written temporary folder into place as `out`: its files listed in its manifest and
+    given the usual mode; an old `out` (which check_output found holds only adapterkit's files) replaced."""
+    with writing(out):
+        note_outputs(tmp, [p.name for p in tmp.iterdir()])
+        usual_mode(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)

@@ -14,7 +14,7 @@ import torch
 from ..errors import AdapterkitError
 from ..io import gguf as gguf_io
 from ..io import save
-from ..io.files import check_output, note_outputs, usual_mode, writing
+from ..io.files import check_output, publish_folder, writing
 from ..io.gguf_vocab import check_tokenizer
 from ..io.native import config_from_json, read_adapter, recorded_base
 from ..io.ollama import MODELFILE, modelfile, template_for
@@ -136,11 +136,7 @@ def _write_ollama(adapted, tokenizer, out: Path, settings: ExportSettings, base:
             names = ("base.gguf", "adapter.gguf")
         with writing(out):
             (tmp / MODELFILE).write_text(modelfile(names[0], names[1], template, system, stops), encoding="utf-8")
-            note_outputs(tmp, [p.name for p in tmp.iterdir()])
-            usual_mode(tmp)
-            if out.exists():  # check_output allowed it: it holds only what adapterkit wrote
-                shutil.rmtree(out)
-            tmp.rename(out)
+        publish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

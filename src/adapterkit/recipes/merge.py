@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterkitError
-from ..io.files import check_output, note_outputs, usual_mode, writing
+from ..io.files import check_output, publish_folder, writing
 from ..models import DEFAULT_MODEL
 from ..settings import check_fields, option
 from .common import load_for_inference, probe_inputs
@@ -53,11 +53,7 @@ def merge(settings: MergeSettings) -> float:
             plain.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-            note_outputs(tmp, [p.name for p in tmp.iterdir()])
-            usual_mode(tmp)
-            if out.exists():  # check_output allowed it: it holds only what adapterkit wrote
-                shutil.rmtree(out)
-            tmp.rename(out)
+        publish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return drift
