@@ -5,7 +5,7 @@ import pytest
 import torch
 from method_cases import CASES
 from safetensors.torch import load_file
-from tiny_models import FAMILIES, LAYERS, tiny_batch, tiny_model
+from tiny_models import FAMILIES, LAYERS, greedy_without_cache, tiny_batch, tiny_model
 
 import adapterkit as ak
 from adapterkit.architectures import ModelLayout, is_linear
@@ -15,17 +15,6 @@ from adapterkit.training import causal_lm_loss, train_steps
 def _cycle(batch):
     while True:
         yield batch
-
-
-@torch.no_grad()
-def _greedy_without_cache(adapted, ids, mask, steps):
-    """Recompute the whole sequence at every step: the oracle for cached generation."""
-    for _ in range(steps):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = adapted(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-    return ids
 
 
 def test_every_registered_method_has_a_case():
@@ -80,7 +69,7 @@ def test_method_on_family(family, method, tmp_path):
     cached = adapted.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
                               pad_token_id=0, eos_token_id=None)
     assert cached.shape == (2, 6 + 5)
-    assert torch.equal(cached, _greedy_without_cache(adapted, ids, mask, 5))
+    assert torch.equal(cached, greedy_without_cache(adapted, ids, mask, 5))
 
     # Save -> load on a fresh base gives identical logits; training then continues identically.
     with torch.no_grad():

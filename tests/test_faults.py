@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import FAMILIES, TODAY_FAMILIES, tiny_batch, tiny_model
+from tiny_models import FAMILIES, TODAY_FAMILIES, greedy_without_cache, tiny_batch, tiny_model
 
 import adapterkit as ak
 import adapterkit.io.files as files
@@ -423,17 +423,6 @@ def test_item_model_card_is_written_beside_the_adapter(tiny_llama_dir, data_file
     assert f"base_model: {tiny_llama_dir}" in card and "adapterkit.load" in card and "lora" in card
 
 
-@torch.no_grad()
-def _greedy_without_cache(adapted, ids, mask, steps):
-    """Recompute the whole sequence at every step: what cached generation must equal."""
-    for _ in range(steps):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = adapted(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-    return ids
-
-
 @pytest.mark.parametrize("method", ["prefix-tuning", "p-tuning-v2"])
 @pytest.mark.parametrize("family", sorted({*FAMILIES, *TODAY_FAMILIES}))
 def test_item_9_prefix_generation_keeps_its_cache(family, method):
@@ -461,7 +450,7 @@ def test_item_9_prefix_generation_keeps_its_cache(family, method):
 
     with torch.no_grad():
         cached, cached_logits = tokens_and_logits()
-        assert torch.equal(cached, _greedy_without_cache(adapted, ids, mask, 5))
+        assert torch.equal(cached, greedy_without_cache(adapted, ids, mask, 5))
         tokens, logits = tokens_and_logits(use_cache=False)
         assert torch.equal(tokens, cached) and torch.equal(logits, cached_logits)
         model.generation_config.use_cache = False

@@ -109,3 +109,14 @@ def save_tiny(family: str, folder, seed: int = 0):
     tiny_model(family, seed).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+@torch.no_grad()
+def greedy_without_cache(adapted, ids, mask, steps):
+    """Recompute the whole sequence at every step: the oracle cached generation must equal."""
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = adapted(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids
