@@ -248,6 +248,10 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
     ("lora-r-negative", lambda w, d: train(w, d, "--lora-r", "-4"), "lora r must be a positive integer"),
     ("lora-alpha-negative", lambda w, d: train(w, d, "--lora-alpha", "-1"), "lora alpha must be a positive"),
     ("lora-dropout-one", lambda w, d: train(w, d, "--lora-dropout", "1.5"), "lora dropout must be in [0, 1)"),
+    ("loha-on-conv1d", lambda w, d: [*train(w, d, "--method", "loha"), "--model", str(w.gpt2)],
+     "loha cannot adapt transformer.h.0.attn.c_attn: it is a Conv1D layer"),
+    ("loha-rank-dropout-one", lambda w, d: train(w, d, "--method", "loha", "--loha-rank-dropout", "1"),
+     "loha rank_dropout must be in [0, 1)"),
     ("lora-dropout-nan", lambda w, d: train(w, d, "--lora-dropout", "nan"), "lora dropout must be a finite"),
     ("lora-bias-bad", lambda w, d: train(w, d, "--lora-bias", "some"), "lora bias must be one of"),
     ("rank-pattern-text", lambda w, d: train(w, d, "--rank-pattern", "q_proj"), "expected NAME=VALUE pairs"),
@@ -465,6 +469,14 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
     ("verify-without-adapter", lambda w, d: ["verify", "--model", str(w.llama)], "adapter is required"),
     ("verify-missing", lambda w, d: ["verify", str(d / "none"), "--model", str(w.llama)], "failed verification"),
     ("unknown-command", lambda w, d: ["fine-tune"], "invalid choice: 'fine-tune'"),
+    ("plan-unknown-method", lambda w, d: ["plan", "--model", str(w.llama), "--method", "lora2"],
+     "unknown method 'lora2'; available:"),
+    ("plan-seq-zero", lambda w, d: ["plan", "--model", str(w.llama), "--seq", "0"], "--seq must be at least 1"),
+    ("plan-memory-limit-unparseable", lambda w, d: ["plan", "--model", str(w.llama), "--memory-limit", "lots"],
+     "--memory-limit 'lots' is not a size"),
+    ("plan-micro-batch-over-batch", lambda w, d: ["plan", "--model", str(w.llama), "--batch", "2",
+                                                  "--micro-batch-size", "4"], "--micro-batch-size 4 exceeds --batch 2"),
+    ("plan-model-missing", lambda w, d: ["plan", "--model", str(d / "none")], "no model config to read"),
 ]
 
 

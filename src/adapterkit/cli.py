@@ -29,6 +29,7 @@ def _commands() -> dict[str, tuple[str, type]]:
     from .recipes.info import InfoSettings
     from .recipes.inspect import InspectSettings
     from .recipes.merge import MergeSettings
+    from .recipes.plan import PlanSettings
     from .recipes.serve import ServeSettings
     from .recipes.study import StudySettings
     from .recipes.train import TrainSettings
@@ -45,6 +46,8 @@ def _commands() -> dict[str, tuple[str, type]]:
         "export": ("write an adapter in another format: peft (Hugging Face PEFT), gguf, ollama", ExportSettings),
         "check": ("can a serving target (vllm, llamacpp, ollama, peft, tgi) carry the adapter as it is", CheckSettings),
         "serve": ("an OpenAI-compatible server for the base model and many adapters at once", ServeSettings),
+        "plan": ("predict a training run's peak memory without running the model; the micro-batch that fits",
+                 PlanSettings),
         "demo": ("the README's main job on the default model", DemoSettings),
         "study": ("LLM-Adapters' comparison: methods x tasks x seeds with a learning-rate pilot, a leaderboard "
                   "and plots", StudySettings),
@@ -237,6 +240,10 @@ def run_command(command: str, settings) -> int:
         from .recipes.serve import serve
 
         serve(settings)
+    elif command == "plan":
+        from .recipes.plan import plan, render
+
+        print(render(plan(settings), settings.json))
     elif command == "demo":
         from .recipes.demo import run_demo
 
