@@ -144,3 +144,37 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
         grads.append({k: p.grad.clone() for k, p in adapted._parameters_of(record).items() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     assert all((grads[0][k] - grads[1][k]).abs().max() <= 1e-6 for k in grads[0])
+
+
+class _Dense(torch.nn.Linear):
+    """A linear layer of another type: bitsandbytes' conversion takes torch.nn.Linear itself only."""
+
+
+def test_a_model_with_nothing_to_quantize_is_one_error_line(tmp_path, capsys):
+    """Every linear layer of this model is a subclass transformers' bitsandbytes integration leaves as it is."""
+    import transformers as T
+    from tiny_models import tiny_config, tiny_tokenizer
+
+    class DenseConfig(T.LlamaConfig):
+        model_type = "adapterkit-test-dense"
+
+    class DenseModel(T.LlamaForCausalLM):
+        config_class = DenseConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            for path, module in list(self.named_modules()):
+                if type(module) is torch.nn.Linear:
+                    parent, _, name = path.rpartition(".")
+                    dense = _Dense(module.in_features, module.out_features, bias=module.bias is not None)
+                    setattr(self.get_submodule(parent) if parent else self, name, dense)
+            self.post_init()
+
+    T.AutoConfig.register(DenseConfig.model_type, DenseConfig, exist_ok=True)
+    T.AutoModelForCausalLM.register(DenseConfig, DenseModel, exist_ok=True)
+    DenseModel(DenseConfig(**tiny_config("llama").to_dict())).save_pretrained(tmp_path / "dense")
+    tiny_tokenizer().save_pretrained(tmp_path / "dense")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "dense"), "--prompt", "x", "--quantize", "nf4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no linear layer bitsandbytes can quantize" in err[0], err

@@ -62,7 +62,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
         raise AdapterkitError(_hub_message(name_or_path, exc)) from exc
     if bnb is not None and quantized_layers(model) == 0:
         raise AdapterkitError(f"--quantize {quantize}: {name_or_path} has no linear layer bitsandbytes can quantize "
-                              "(Conv1D layers, for one); use --quantize none")
+                              "(it converts torch.nn.Linear and Conv1D layers, not the output head); use --quantize none")
     tokenizer = load_tokenizer(folder)
     model.eval()
     model.adapterkit_source = name_or_path  # recorded in saved adapters, so `verify` can find the base
