@@ -37,6 +37,29 @@ class Effect(nn.Module):
     def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
+    # A mixed batch runs output effects with equal gather keys at one site as one gathered product:
+    # their tensors stacked over adapters (plus a last slot for rows without one), each row using its
+    # own slot, instead of a loop over adapters. An effect opts in by returning a key.
+    def gather_key(self) -> tuple | None:
+        return None
+
+    def gather_tensors(self) -> tuple[torch.Tensor, ...]:
+        """This adapter's tensors of the gathered product; the site stacks them along a new dim 0."""
+        raise NotImplementedError
+
+    def gather_identity(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The tensors of the slot for rows without such an adapter (it must leave y unchanged)."""
+        return tuple(torch.zeros_like(t) for t in tensors)
+
+    def gather_sources(self) -> list[torch.Tensor]:
+        """What gather_tensors reads: a stack is reused (without autograd) while none of them changes."""
+        return list(self.parameters())
+
+    def on_output_gathered(self, stacked: tuple[torch.Tensor, ...], slots: torch.Tensor, x: torch.Tensor,
+                           y: torch.Tensor) -> torch.Tensor:
+        """on_output for the whole batch; row i uses slot slots[i] of each stacked tensor."""
+        raise NotImplementedError
+
 
 INPUTS = "prompt"    # the key of an adapter's InputHook among its parts (as saved files since 0.1 name it)
 EXPORTED = "final"   # tensors a part saves beside its weights are keyed PART_PATH.EXPORTED
@@ -113,7 +136,7 @@ class AdapterState:
     active: list[str] = field(default_factory=list)
     disabled: bool = False
     row_adapters: list[str | None] | None = None   # one adapter name (or None) per batch row
-    _rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    _rows: dict = field(default_factory=dict)   # per mixed batch: row indices and slots, made once
 
     def rows_of(self, name: str, device: torch.device) -> torch.Tensor | None:
         """Row indices of `name` in a mixed batch; None when the whole batch uses it."""
@@ -124,6 +147,14 @@ class AdapterState:
             self._rows[name] = torch.tensor(index, dtype=torch.long)
         rows = self._rows[name]
         return rows.to(device) if rows.device != device else rows
+
+    def slots_of(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """Per batch row, the position of its adapter in `names`; len(names) for rows of other adapters."""
+        if names not in self._rows:
+            index = {n: i for i, n in enumerate(names)}
+            self._rows[names] = torch.tensor([index.get(n, len(names)) for n in self.row_adapters], dtype=torch.long)
+        slots = self._rows[names]
+        return slots.to(device) if slots.device != device else slots
 
     def names_running(self, names) -> list[str]:
         if self.disabled:
@@ -144,6 +175,7 @@ class AdapterSite(nn.Module):
         self.effects = nn.ModuleDict()
         self.merged: list[str] = []
         self.checkpointed = False  # recompute this module in backward (gradient checkpointing)
+        self._stacks: dict = {}    # gather key -> (stamp of the sources, stacked tensors)
         object.__setattr__(self, "_state", state)  # shared, so never registered as a child
 
     def __getattr__(self, name: str):
@@ -187,6 +219,8 @@ class AdapterSite(nn.Module):
         extra = ()
         if isinstance(y, tuple):  # (hidden, router scores) from some MoE blocks: adapters act on the first
             y, extra = y[0], y[1:]
+        if self._state.row_adapters is not None:
+            y, effects = self._run_gathered(x_in, y, effects)
         for effect, rows in effects:
             if effect.acts_on_output:
                 if rows is None:
@@ -194,6 +228,38 @@ class AdapterSite(nn.Module):
                 else:
                     y = y.index_copy(0, rows, effect.on_output(x_in.index_select(0, rows), y.index_select(0, rows)))
         return (y, *extra) if extra else y
+
+
+    def _run_gathered(self, x: torch.Tensor, y: torch.Tensor, effects: list) -> tuple[torch.Tensor, list]:
+        """A mixed batch's gathering output effects, one product per key; returns y and the other effects."""
+        keys = {}
+        for name, effect in self.effects.items():
+            key = effect.gather_key() if effect.acts_on_output and name not in self.merged else None
+            if key is not None:
+                keys.setdefault(key, []).append(name)
+        running = {id(effect) for effect, _ in effects}
+        gathered = set()
+        for key, names in keys.items():  # every adapter of the kind at this site, so the stack outlives batches
+            if any(id(self.effects[n]) in running for n in names):
+                slots = self._state.slots_of(tuple(names), x.device)
+                y = self.effects[names[0]].on_output_gathered(self._stack(key, names), slots, x, y)
+                gathered.update(id(self.effects[n]) for n in names)
+        return y, [(effect, rows) for effect, rows in effects if id(effect) not in gathered]
+
+    def _stack(self, key: tuple, names: list[str]) -> tuple[torch.Tensor, ...]:
+        members = [self.effects[n] for n in names]
+        sources = [t for effect in members for t in effect.gather_sources()]
+        reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
+        stamp = (tuple(names), tuple((id(t), t.data_ptr(), t._version) for t in sources))
+        cached = self._stacks.get(key)
+        if reuse and cached is not None and cached[0] == stamp:
+            return cached[1]
+        per_adapter = [effect.gather_tensors() for effect in members]
+        identity = members[0].gather_identity(per_adapter[0])
+        stacked = tuple(torch.stack([*column, empty]) for *column, empty in zip(*per_adapter, identity, strict=True))
+        if reuse:
+            self._stacks[key] = (stamp, stacked)
+        return stacked
 
 
 def _on_rows(x: torch.Tensor, rows: torch.Tensor | None, fn) -> torch.Tensor:

@@ -8,23 +8,21 @@ gives B a larger learning rate than A.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..architectures import TARGET_GROUPS, is_linear, linear_shape
+from ..architectures import TARGET_GROUPS, is_linear
 from ..config import AdapterConfig
 from ..errors import AdapterkitError, warn
-from ..quantization import is_quantized
 from ..settings import option
-from ..sites import Dropout, Effect, base_module, cast_for_adapter, logical_modules
+from ..sites import base_module, logical_modules
 from ..targets import match_modules
+from .lora_effects import BiasDelta, DoraEffect, LoraEffect, TrainedCopy
 from .lora_experts import ExpertLoraEffect, expert_parameters
 from .registry import Method, register_method
 
@@ -100,166 +98,6 @@ class LoraConfig(AdapterConfig):
     def lr_ratio(self, key: str) -> float:
         """Learning-rate multiplier of one adapter weight (LoRA+ speeds up B)."""
         return self.loraplus_lr_ratio if self.loraplus_lr_ratio and "lora_B" in key.split(".") else 1.0
-
-
-class LoraEffect(Effect):
-    """The low-rank update of one linear layer (plus an optional bias delta)."""
-
-    acts_on_output = True
-    mergeable = True
-
-    def __init__(self, base: nn.Module, config: LoraConfig, train_bias: bool, r: int, alpha: float):
-        super().__init__()
-        in_features, out_features, self.transposed = linear_shape(base)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r))
-        self.lora_bias = nn.Parameter(torch.zeros(out_features)) if train_bias and base.bias is not None else None
-        self.scaling = config.scaling_for(r, alpha)
-        self.dropout = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()  # Identity: no copy
-        if config.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = cast_for_adapter(self.dropout(x), self.lora_A)
-        delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling  # PEFT's order: its logits to 1e-6
-        if self.lora_bias is not None:
-            delta = delta + self.lora_bias
-        return y + delta.to(y.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A in fp32, shaped like the base weight."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-        return delta.T if self.transposed else delta
-
-    @torch.no_grad()
-    def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
-        _refuse_quantized(base_layer)
-        _add_checked(base_layer.weight, sign * self.delta_weight())
-        if self.lora_bias is not None:
-            _add_checked(base_layer.bias, sign * self.lora_bias.float())
-
-
-class DoraEffect(LoraEffect):
-    """DoRA: W' = m * (W + s B A) / ||W + s B A|| per output feature; m starts at ||W||, so the model
-    starts unchanged. The norm is treated as a constant in backward, as the paper (4.3) and PEFT do."""
-
-    def __init__(self, base: nn.Module, config: LoraConfig, train_bias: bool, r: int, alpha: float):
-        if is_quantized(base.weight):
-            raise AdapterkitError("DoRA needs the base weight's norm, and this base layer is quantized; use plain "
-                                  "LoRA on a quantized base, or load the base with --quantize none")
-        super().__init__(base, config, train_bias, r, alpha)
-        self._base = [base]  # a reference, not a child: the base weights are not this adapter's
-        with torch.no_grad():
-            self.magnitude = nn.Parameter(self._weight_norm(self._weight(torch.float32)))
-        self._merged_norm: torch.Tensor | None = None
-
-    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
-        weight = self._base[0].weight.to(dtype)
-        return weight.T if self.transposed else weight  # (out, in)
-
-    def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        update = (self.lora_B.to(weight.dtype) @ self.lora_A.to(weight.dtype)) * self.scaling
-        return torch.linalg.norm(weight + update, dim=1)
-
-    def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = cast_for_adapter(self.dropout(x), self.lora_A)
-        lora = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
-        weight = self._weight(lora.dtype)
-        scale = self.magnitude.to(lora.dtype) / self._weight_norm(weight).detach()
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            bias = self._base[0].bias
-            base = (y if bias is None else y - bias).to(lora.dtype)
-        else:  # the base output was computed without dropout: recompute it on the dropped input
-            base = F.linear(h, weight)
-        delta = (scale - 1) * base + scale * lora
-        if self.lora_bias is not None:
-            delta = delta + self.lora_bias
-        return y + delta.to(y.dtype)
-
-    @torch.no_grad()
-    def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
-        weight = self._weight(torch.float32)
-        if sign > 0:
-            norm = self._weight_norm(weight)
-            self._merged_norm = norm
-            merged = (self.magnitude.float() / norm).unsqueeze(1) * (weight + self.delta_weight_out())
-        else:
-            original = weight / (self.magnitude.float() / self._merged_norm).unsqueeze(1)
-            merged = original - self.delta_weight_out()
-        new = merged.T if self.transposed else merged
-        if not torch.isfinite(new).all():
-            raise AdapterkitError("merge would produce non-finite weights; the adapter holds inf/NaN values")
-        base_layer.weight.data.copy_(new.to(base_layer.weight.dtype))
-        if self.lora_bias is not None:
-            _add_checked(base_layer.bias, sign * self.lora_bias.float())
-
-    def delta_weight_out(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-
-
-class BiasDelta(Effect):
-    """A trained delta on a module's bias (LoRA with bias='all'); the base bias stays intact."""
-
-    acts_on_output = True
-    mergeable = True
-
-    def __init__(self, base: nn.Module):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros_like(base.bias, dtype=torch.float32))
-
-    def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + self.bias.to(y.dtype)
-
-    @torch.no_grad()
-    def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
-        _add_checked(base_layer.bias, sign * self.bias.float())
-
-
-class TrainedCopy(Effect):
-    """A module trained in full (modules_to_save): a float32 copy runs instead of the base."""
-
-    replaces_base = True
-    mergeable = True
-
-    def __init__(self, base: nn.Module):
-        super().__init__()
-        self.module = copy.deepcopy(base).float()
-        self.module.requires_grad_(True)
-        self._stash: list[torch.Tensor] = []
-
-    def replacement(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        dtype = x.dtype if x.is_floating_point() else None
-        if dtype is not None and dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type):
-            return self.module(x.float(), *args, **kwargs).to(dtype)
-        return self.module(x, *args, **kwargs)
-
-    @torch.no_grad()
-    def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
-        base_params = dict(base_layer.named_parameters())
-        if sign > 0:
-            self._stash = [p.detach().clone() for p in base_params.values()]
-            for key, p in self.module.named_parameters():
-                base_params[key].copy_(p)
-        else:
-            for p, saved in zip(base_params.values(), self._stash, strict=True):
-                p.copy_(saved)
-            self._stash = []
-
-
-def _refuse_quantized(base_layer: nn.Module) -> None:
-    if is_quantized(base_layer.weight):
-        raise AdapterkitError("the base layer is stored quantized, so the update cannot be added to it exactly; "
-                              "merge into the full-precision base (`adapterkit merge` loads it unquantized)")
-
-
-def _add_checked(target: torch.Tensor, delta: torch.Tensor) -> None:
-    """target += delta computed in fp32; refuses a non-finite result and leaves target untouched."""
-    result = target.detach().float() + delta.to(target.device)
-    if not torch.isfinite(result).all():
-        raise AdapterkitError("merge would produce non-finite weights; the adapter holds inf/NaN values")
-    target.data.copy_(result.to(target.dtype))
 
 
 def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
