@@ -24,7 +24,8 @@ ENCODER = 16  # encoder / projection width of p-tuning and prefix-tuning
 HEAD_DIM = HIDDEN // HEADS
 # Optimizer steps on one fixed batch. Each loss_drop below is about half the smallest drop any family
 # showed in STEPS steps (torch 2.13, transformers 5.24): lora 1.30, adapter-h 0.83, adapter-p 0.54,
-# parallel 1.19, prompt-tuning 0.107, p-tuning 0.167, prefix-tuning 0.73, p-tuning-v2 0.146.
+# parallel 1.19, prompt-tuning 0.107, p-tuning 0.167, prefix-tuning 0.73, p-tuning-v2 0.146,
+# loha 0.42.
 STEPS = 15
 # Key/value heads of each tiny family, from its config in tiny_models.py (grouped or multi-query).
 KV_HEADS = {"llama": 2, "mistral": 2, "qwen2": 2, "gemma": 1, "falcon": 1, **dict.fromkeys(TODAY_FAMILIES, 2)}
@@ -52,6 +53,7 @@ class MethodCase:
     mergeable: bool
     check_attached: Callable[[str, ak.AdaptedModel], None] | None = None  # right after adapt
     check_saved: Callable[[ak.AdaptedModel, dict[str, Tensor]], None] | None = None  # the saved tensors
+    refuses: Callable[[str], str | None] | None = None  # family -> the error attaching gives (a regex), or None
 
 
 # ----- LoRA ---------------------------------------------------------------------------------------
@@ -128,6 +130,23 @@ def _ia3_trainable(family: str, adapted) -> int:
     return total
 
 
+# ----- weight-update methods (LoHa, LoKr, VeRA, OFT) ----------------------------------------------------
+def _refuses_conv1d(family: str) -> str | None:
+    """PEFT's LoHa, LoKr and OFT take nn.Linear only: a family with Conv1D layers (in x out) is refused."""
+    model = tiny_model(family)
+    return "it is a Conv1D layer" if any(is_linear(m) and linear_shape(m)[2] for m in model.modules()) else None
+
+
+def _targeted_shapes(adapted) -> list[tuple[int, int]]:
+    """(in, out) of every targeted linear layer."""
+    return [linear_shape(adapted.causal_lm.get_submodule(p).base_layer)[:2] for p in adapted.records["default"].parts]
+
+
+def _loha_trainable(family: str, adapted) -> int:
+    """Two pairs W1a/W2a [out, r], W1b/W2b [r, in] per targeted linear layer, r = 2."""
+    return sum(2 * 2 * (n_in + n_out) for n_in, n_out in _targeted_shapes(adapted))
+
+
 CASES: dict[str, MethodCase] = {
     "lora": MethodCase(config=_lora_config, starts_as_base=True, trainable=_lora_trainable, lr=1e-2, steps=STEPS,
                        loss_drop=0.6, mergeable=True, check_attached=_lora_targets),
@@ -143,6 +162,9 @@ CASES: dict[str, MethodCase] = {
         _prefix_tuning_trainable, loss_drop=0.3),
     "ia3": MethodCase(config=lambda family: ak.get_method("ia3").config_class(), starts_as_base=True,
                       trainable=_ia3_trainable, lr=5e-2, steps=STEPS, loss_drop=0.2, mergeable=True),
+    "loha": MethodCase(config=lambda family: ak.get_method("loha").config_class(r=2, target_modules="all-linear"),
+                       starts_as_base=True, trainable=_loha_trainable, lr=1e-2, steps=STEPS, loss_drop=0.2,
+                       mergeable=True, refuses=_refuses_conv1d),
     "p-tuning-v2": _prompt(lambda family: ak.PTuningV2Config(num_virtual_tokens=K),  # prefixes trained directly
                            lambda family, adapted: K * LAYERS * 2 * kv_width(family), loss_drop=0.07),
 }

@@ -31,11 +31,16 @@ from ..sites import INPUTS
 from . import fingerprint
 from .files import check_output, write_files
 from .native import CONFIG_FILE, WEIGHTS_FILE
+from .peft_formats import BY_PEFT_TYPE, FORMATS, PEFT_PREFIX, format_from_peft, format_to_peft
+from .peft_formats import COMMON as _COMMON
+from .peft_formats import check_options as _check_options
+from .peft_formats import exact_pattern as _exact
+from .peft_formats import peft_pattern as _peft_pattern
 
-PEFT_PREFIX = "base_model.model."
 EMBEDDINGS_KEY = "prompt_embeddings"
 PEFT_TYPES = {"lora": "LORA", "prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING",
-              "prefix-tuning": "PREFIX_TUNING", "p-tuning-v2": "PREFIX_TUNING"}
+              "prefix-tuning": "PREFIX_TUNING", "p-tuning-v2": "PREFIX_TUNING",
+              **{method: f.peft_type for method, f in FORMATS.items()}}
 # LoRA tensors, the only ones written or read: adapterkit parameter <-> PEFT key suffix (DoRA: magnitude).
 LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 _FROM_PEFT = {theirs: ours for ours, theirs in LORA_KEYS.items()}
@@ -44,8 +49,6 @@ _KEY_HINTS = {"lora_embedding_": "LoRA on an embedding layer", ".bias": "trained
               "modules_to_save": "modules_to_save"}
 # Options that change nothing once the weights exist (LoRA's modules come from the weight keys, so the
 # options that chose them, layers_to_transform and layers_pattern included, are honoured as saved).
-_COMMON = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-           "peft_version", "auto_mapping"}
 _LORA_INERT = _COMMON | {
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "use_rslora",
     "init_lora_weights", "layers_to_transform", "layers_pattern", "bias", "use_dora", "rank_pattern",
@@ -109,17 +112,11 @@ def from_peft(meta: dict, tensors: dict[str, torch.Tensor], shape) -> tuple[Adap
         return _lora_from_peft(meta, tensors)
     if kind in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         return _prompt_from_peft(meta, tensors, shape)
+    if kind in BY_PEFT_TYPE:
+        return format_from_peft(BY_PEFT_TYPE[kind], meta, tensors)
     raise AdapterkitError(f"PEFT type {kind!r} has no adapterkit equivalent; adapterkit reads LORA, "
-                          "PROMPT_TUNING, P_TUNING and PREFIX_TUNING (merge other adapters into the base "
-                          "with PEFT's merge_and_unload, where PEFT can)")
-
-
-def _check_options(meta: dict, inert: set[str]) -> None:
-    for key, value in sorted(meta.items()):
-        if key not in inert and value not in (None, False, {}, [], ""):
-            raise AdapterkitError(f"the PEFT {meta['peft_type']} option {key}={value!r} has no adapterkit "
-                                  "equivalent; merge the adapter with PEFT (merge_and_unload) and use the "
-                                  "merged model as the base, or retrain it without that option")
+                          f"PROMPT_TUNING, P_TUNING, PREFIX_TUNING, {', '.join(BY_PEFT_TYPE)} (merge other "
+                          "adapters into the base with PEFT's merge_and_unload, where PEFT can)")
 
 
 def _lora_from_peft(meta: dict, tensors: dict[str, torch.Tensor]):
@@ -155,16 +152,6 @@ def _lora_from_peft(meta: dict, tensors: dict[str, torch.Tensor]):
                         init="gaussian" if init == "gaussian" else "default",
                         rank_pattern=_exact(ranks, r), alpha_pattern=_exact(alphas, alpha))
     return config, weights
-
-
-def _peft_pattern(pattern: dict, path: str, default):
-    """PEFT's per-module value (its get_pattern_key): the first key that matches the end of the path."""
-    return next((value for key, value in pattern.items() if re.match(rf"(.*\.)?({key})$", path)), default)
-
-
-def _exact(values: dict, default) -> dict:
-    """A rank or alpha pattern naming each module that differs from the default by its escaped full path."""
-    return {re.escape(path): value for path, value in sorted(values.items()) if value != default}
 
 
 def _prompt_from_peft(meta: dict, tensors: dict[str, torch.Tensor], shape):
@@ -230,6 +217,8 @@ def to_peft(adapted, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
               "base_model_name_or_path": getattr(adapted.causal_lm.config, "_name_or_path", None) or None}
     if isinstance(config, LoraConfig):
         return _lora_to_peft(config, record.parts, common)
+    if config.method in FORMATS:
+        return format_to_peft(config, record.parts, common)
     return _prompt_to_peft(config, record.parts[INPUTS], adapted.layout.shape, common)
 
 

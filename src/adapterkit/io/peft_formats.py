@@ -1,0 +1,131 @@
+"""PEFT's format of the methods that are one table row each (LoHa, LoKr, VeRA, OFT), and the pieces every
+PEFT reader shares (the option check, PEFT's per-module pattern rule).
+
+A row names the PEFT type, the tensors (adapterkit parameter -> PEFT key suffix; PEFT saves each module's
+tensors as `base_model.model.<module path>.<suffix>`), the options copied as they are (adapterkit field ->
+PEFT option), the options written and read only with one value, and those that change nothing once the
+weights exist. Targets are written as the modules' full paths; per-module ranks and alphas as
+rank_pattern/alpha_pattern keyed by the escaped full path, and read back as PEFT applies them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import AdapterConfig
+from ..errors import AdapterkitError
+from ..methods.loha import LohaConfig
+
+PEFT_PREFIX = "base_model.model."
+# Options that change nothing once the weights exist, in every PEFT config.
+COMMON = frozenset({"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+                    "peft_version", "auto_mapping"})
+# ... and in the rows' configs: the modules come from the weight keys, the starting values are replaced.
+_ROW_INERT = COMMON | {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "init_weights",
+                       "rank_pattern", "alpha_pattern"}
+
+
+def check_options(meta: dict, inert: set[str] | frozenset[str]) -> None:
+    for key, value in sorted(meta.items()):
+        if key not in inert and value not in (None, False, {}, [], ""):
+            raise AdapterkitError(f"the PEFT {meta['peft_type']} option {key}={value!r} has no adapterkit "
+                                  "equivalent; merge the adapter with PEFT (merge_and_unload) and use the "
+                                  "merged model as the base, or retrain it without that option")
+
+
+def peft_pattern(pattern: dict, path: str, default):
+    """PEFT's per-module value (its get_pattern_key): the first key that matches the end of the path."""
+    return next((value for key, value in pattern.items() if re.match(rf"(.*\.)?({key})$", path)), default)
+
+
+def exact_pattern(values: dict, default) -> dict:
+    """A rank or alpha pattern naming each module that differs from the default by its escaped full path."""
+    return {re.escape(path): value for path, value in sorted(values.items()) if value != default}
+
+
+@dataclass(frozen=True)
+class PeftFormat:
+    """One method's PEFT format."""
+
+    peft_type: str
+    config_class: type[AdapterConfig]
+    tensors: dict[str, str]                 # adapterkit parameter -> PEFT key suffix
+    options: dict[str, str]                 # adapterkit config field -> PEFT option, values as they are
+    fixed: dict[str, Any] = field(default_factory=dict)   # PEFT options with the one value adapterkit has
+    inert: frozenset[str] = frozenset()     # more options that change nothing once the weights exist
+    patterns: bool = False                  # r and alpha per module (rank_pattern / alpha_pattern)
+    fan_in_fan_out: bool = False            # PEFT's flag for Conv1D targets (weights stored in x out)
+    # Tensors outside the modules (VeRA's shared projection): written from the parts, checked on reading.
+    write_extra: Callable[[AdapterConfig, dict], dict[str, torch.Tensor]] | None = None
+    read_extra: Callable[[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict] | None = None
+
+
+FORMATS: dict[str, PeftFormat] = {
+    "loha": PeftFormat(
+        "LOHA", LohaConfig, {k: k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
+        {"r": "r", "alpha": "alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout"},
+        fixed={"use_effective_conv2d": False}, patterns=True),
+}
+BY_PEFT_TYPE = {f.peft_type: method for method, f in FORMATS.items()}
+
+
+def format_to_peft(config: AdapterConfig, parts: dict, common: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(PEFT adapter_config.json content, PEFT tensors) of an adapter of a method in FORMATS."""
+    fmt = FORMATS[config.method]
+    tensors = {f"{PEFT_PREFIX}{path}.{theirs}": getattr(part, ours).detach().float().cpu().contiguous()
+               for path, part in parts.items() for ours, theirs in fmt.tensors.items()
+               if getattr(part, ours, None) is not None}
+    if fmt.write_extra is not None:
+        tensors.update(fmt.write_extra(config, parts))
+    meta = {**common, **{theirs: getattr(config, ours) for ours, theirs in fmt.options.items()}, **fmt.fixed,
+            "target_modules": sorted(parts), "modules_to_save": None}
+    if fmt.patterns:
+        pairs = {path: config.rank_and_alpha(path) for path in parts}
+        meta["rank_pattern"] = exact_pattern({p: ra[0] for p, ra in pairs.items()}, config.r)
+        meta["alpha_pattern"] = exact_pattern({p: ra[1] for p, ra in pairs.items()}, config.alpha)
+    if fmt.fan_in_fan_out:
+        meta["fan_in_fan_out"] = any(part.transposed for part in parts.values())
+    return meta, tensors
+
+
+def format_from_peft(method: str, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[AdapterConfig, dict]:
+    """adapterkit's (config, weights keyed by module path) for a PEFT folder of a method in FORMATS."""
+    fmt = FORMATS[method]
+    check_options(meta, _ROW_INERT | fmt.inert | set(fmt.options.values()) | set(fmt.fixed)
+                  | ({"fan_in_fan_out"} if fmt.fan_in_fan_out else set()))
+    for key, value in fmt.fixed.items():
+        if meta.get(key, value) != value:
+            raise AdapterkitError(f"the PEFT {fmt.peft_type} option {key}={meta[key]!r} is not read by adapterkit "
+                                  f"(it reads {key}={value!r}); merge the adapter with PEFT (merge_and_unload) and "
+                                  "use the merged model as the base")
+    theirs_to_ours = {theirs: ours for ours, theirs in fmt.tensors.items()}
+    pattern = re.compile(rf"^(?:base_model\.model\.)?(.+)\.({'|'.join(map(re.escape, theirs_to_ours))})$")
+    weights, extra = {}, {}
+    for key, tensor in tensors.items():
+        match = pattern.match(key)
+        if match is None:
+            extra[key] = tensor
+        else:
+            weights[f"{match[1]}.{theirs_to_ours[match[2]]}"] = tensor
+    paths = sorted({key.rpartition(".")[0] for key in weights})
+    if not paths:
+        raise AdapterkitError(f"the PEFT {fmt.peft_type} file holds none of its weights "
+                              f"({', '.join(fmt.tensors.values())})")
+    values = {ours: meta[theirs] for ours, theirs in fmt.options.items() if meta.get(theirs) is not None}
+    if fmt.read_extra is not None:
+        values.update(fmt.read_extra(meta, extra, weights))
+    elif extra:
+        raise AdapterkitError(f"the PEFT {fmt.peft_type} file holds {sorted(extra)[0]}, which adapterkit cannot read")
+    if fmt.patterns:
+        defaults = fmt.config_class()
+        r, alpha = values.get("r", defaults.r), values.get("alpha", defaults.alpha)
+        values["rank_pattern"] = exact_pattern(
+            {p: peft_pattern(meta.get("rank_pattern") or {}, p, r) for p in paths}, r)
+        values["alpha_pattern"] = exact_pattern(
+            {p: peft_pattern(meta.get("alpha_pattern") or {}, p, alpha) for p in paths}, alpha)
+    return fmt.config_class(**values, target_modules=paths), weights
