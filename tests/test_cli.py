@@ -154,3 +154,16 @@ def test_bench_passes_its_flags_to_the_benchmark_script(tmp_path):
     code = main(["bench", "--sections", "train", "--only", "no configuration has this", "--write", str(report),
                  "--json", str(results)])
     assert code != 0 and report.read_text() == "kept\n" and not results.exists()
+
+
+def test_list_flags_repeat_or_take_commas():
+    from adapterkit.cli import parse
+
+    _, repeated = parse(["serve", "--adapter", "a=/x", "--adapter", "b=/y,c=/z"])
+    _, commas = parse(["serve", "--adapter", "a=/x,b=/y,c=/z"])
+    assert repeated.adapter == commas.adapter == ["a=/x", "b=/y", "c=/z"]
+    _, train = parse(["train", "--data", "d.json", "--output", "o", "--target-modules", "q_proj",
+                      "--target-modules", "v_proj"])
+    assert train.method_options["target_modules"] == ["q_proj", "v_proj"]
+    _, once = parse(["train", "--data", "d.json", "--output", "o", "--lora-dropout", "0.1"])
+    assert once.method_options["dropout"] == 0.1  # a flag of one value is not a list

@@ -13,7 +13,7 @@ import typing
 
 from .aliases import translate
 from .errors import AdapterkitError
-from .settings import Parser, convert, flag_of, from_mapping
+from .settings import Parser, convert, flag_of, from_mapping, takes_list
 
 METHOD_OPTION = "method option "  # namespace prefix of the method flags
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -64,12 +64,13 @@ def add_settings(parser: argparse.ArgumentParser, cls: type) -> None:
         text = meta.get("help", "") + ("" if default in (None, False) else f" (default: {default})")
         if meta.get("positional"):
             parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=text)
-        elif typing.get_type_hints(cls)[f.name] is bool:
+        elif (hint := typing.get_type_hints(cls)[f.name]) is bool:
             parser.add_argument(flag_of(f), *meta.get("aliases", ()), dest=f.name, default=argparse.SUPPRESS,
                                 action=argparse.BooleanOptionalAction, help=text)
-        else:
+        else:  # a list may be given comma-separated, by repeating the flag, or both
+            repeats = takes_list(hint)
             parser.add_argument(flag_of(f), *meta.get("aliases", ()), dest=f.name, default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=text)
+                                metavar=f.name.upper(), help=text, action="append" if repeats else "store")
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +86,8 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
             aliases.setdefault(o.flag, [])
             aliases[o.flag] += [a for a in o.aliases if a not in aliases[o.flag]]
     for flag, o in first.items():
-        kind = {"action": argparse.BooleanOptionalAction} if o.type is bool else {"metavar": o.name.upper()}
+        kind = {"action": argparse.BooleanOptionalAction} if o.type is bool else \
+            {"metavar": o.name.upper(), "action": "append" if takes_list(o.type) else "store"}
         group.add_argument(flag, *aliases[flag], dest=METHOD_OPTION + flag, default=argparse.SUPPRESS,
                            help=o.help, **kind)
 
@@ -109,6 +111,7 @@ def _typed(cls: type, given: dict) -> dict:
     """Flag texts converted to the fields' types."""
     hints = typing.get_type_hints(cls)
     flags = {f.name: flag_of(f) for f in dataclasses.fields(cls)}
+    given = {k: ",".join(v) if isinstance(v, list) else v for k, v in given.items()}  # repeated flags
     return {k: v if isinstance(v, bool) else convert(v, hints[k], flags[k]) for k, v in given.items()}
 
 
@@ -160,6 +163,7 @@ def train_settings(given: dict, method_flags: dict, yaml_path: str | None):
         if flag not in by_flag:
             raise AdapterkitError(f"{flag} is not an option of {method}; see `adapterkit methods` for its options")
         o = by_flag[flag]
+        text = ",".join(text) if isinstance(text, list) else text  # a repeated flag
         yaml_options[o.name] = text if isinstance(text, bool) else convert(text, o.type, flag)
     for required in ("data", "output"):
         if fields.get(required) is None:

@@ -91,6 +91,11 @@ def _members(hint: Any) -> tuple[Any, ...]:
     return (hint,)
 
 
+def takes_list(hint: Any) -> bool:
+    """Whether a field's type admits a list (its flag may then be repeated)."""
+    return any(typing.get_origin(m) is list for m in _members(hint))
+
+
 def _one(text: str, hint: Any) -> Any:
     origin = typing.get_origin(hint) or hint
     if hint is bool:

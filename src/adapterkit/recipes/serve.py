@@ -17,8 +17,8 @@ MISSING = "adapterkit serve needs FastAPI and uvicorn, which are not installed: 
 @dataclass
 class ServeSettings:
     model: str = option(DEFAULT_MODEL, "base model: the default, a local Hugging Face folder or a hub id")
-    adapter: list[str] = option([], "adapters to serve as NAME=DIR (adapterkit's or PEFT's folder); several in one "
-                                "flag, comma-separated: a=DIR1,b=DIR2 (more can be added later: POST /v1/adapters)")
+    adapter: list[str] = option([], "adapters to serve as NAME=DIR (adapterkit's or PEFT's folder); several: repeat "
+                                "the flag, or a=DIR1,b=DIR2 (more can be added later: POST /v1/adapters)")
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8000, "port to listen on (0: any free port)", minimum=0, maximum=65535)
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every /v1 route")
