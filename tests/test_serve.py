@@ -204,7 +204,7 @@ def test_models_and_adapters_are_listed_with_method_size_and_hash(client, folder
     rows = {a["name"]: a for a in listing["data"]}
     assert {n: rows[n]["method"] for n in AT_START} == {"lora": "lora", "bottleneck": "adapter-h",
                                                          "prompt": "prompt-tuning", "chat": "lora"}
-    assert rows["prompt"]["parameters"] == 4 * 32 and rows["prompt"]["batching"] == "own batch"
+    assert rows["prompt"]["parameters"] == 4 * 32 and rows["prompt"]["batching"] == "own prefill, mixed decoding"
     assert rows["lora"]["batching"] == "mixed batch" and rows["lora"]["bytes"] > 0
     for name in AT_START:
         assert rows[name]["fingerprint"] == saved_hash(folders[name])

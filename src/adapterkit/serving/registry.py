@@ -45,6 +45,7 @@ class Served:
     chat_template: str | None = None
     eos_ids: frozenset = frozenset()
     solo: bool = False          # changes the inputs (prompt methods) or routes tokens: batched with its own rows only
+    shared_decoding: bool = False  # a prompt method: after its own prefill, its rows decode in the mixed batch
     virtual_tokens: int = 0     # positions it adds before the prompt
     parameters: int = 0
     bytes: int = 0
@@ -67,7 +68,8 @@ class Served:
     def describe(self) -> dict:
         return {"name": self.name, "adapter": self.adapter, "method": self.method, "format": self.format,
                 "parameters": self.parameters, "bytes": self.bytes, "fingerprint": self.fingerprint,
-                "template": self.template, "batching": "own batch" if self.solo else "mixed batch",
+                "template": self.template, "batching": "own prefill, mixed decoding" if self.shared_decoding
+                else "own batch" if self.solo else "mixed batch",
                 "path": self.path, "state": self.state, "in_flight": self.users, "trained_on": self.trained_on,
                 "checks": self.checks, "created": self.created}
 
@@ -204,11 +206,12 @@ class Registry:
         generation = meta.get("generation") if isinstance(meta.get("generation"), dict) else {}
         eos = generation.get("eos_token_id")
         hooks = [p for p in record.parts.values() if isinstance(p, InputHook)]
+        row_wise = all(getattr(p, "row_wise", True) for p in record.parts.values())
         entry = Served(
             name, name, method=record.config.method, fingerprint=digest(saved), path=str(folder),
             template=generation.get("template") or "alpaca", chat_template=generation.get("chat_template"),
             eos_ids=self.eos_ids | ({eos} if isinstance(eos, int) else set()),
-            solo=bool(hooks) or any(not getattr(p, "row_wise", True) for p in record.parts.values()),
+            solo=bool(hooks) or not row_wise, shared_decoding=bool(hooks) and row_wise,
             virtual_tokens=int(getattr(record.config, "num_virtual_tokens", 0) or 0) if hooks else 0,
             parameters=sum(t.numel() for t in adapted.adapter_state_dict(name).values()),
             bytes=sum(p.stat().st_size for p in folder.glob("*.safetensors")), format="peft" if peft else "native",

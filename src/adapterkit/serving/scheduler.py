@@ -8,7 +8,9 @@ DynamicCache. A finished or cancelled row leaves at once; a waiting request join
 
 Rows of the base model and of adapters that act row by row (LoRA, bottleneck adapters) share one
 batch, each row naming its adapter (`adapter_names`). An adapter that changes the inputs (the prompt
-methods) or routes tokens (adapters on expert weights) decodes in a batch of its own rows.
+methods) prefills in a batch of its own rows; its virtual tokens or prefixes are then in the rows'
+cache, so they decode in the shared batch as base-model rows. Adapters that route tokens (on expert
+weights) decode in a batch of their own rows.
 """
 
 from __future__ import annotations
@@ -217,8 +219,9 @@ class Scheduler:
     def _forward(self, key: str | None, jobs: list[Job], kwargs: dict, prefill: bool):
         """The model on these rows: one mixed batch (an adapter name per row), or one adapter's own."""
         adapted = self.registry.adapted
-        if key is None:
-            return adapted(**kwargs, adapter_names=[j.entry.adapter for j in jobs]), kwargs
+        if key is None:  # rows of prompt methods decode here after their prefill: as base rows
+            names = [None if j.entry.shared_decoding else j.entry.adapter for j in jobs]
+            return adapted(**kwargs, adapter_names=names), kwargs
         adapted.set_active(key)
         if key not in adapted.input_hooks:
             return adapted(**kwargs), kwargs
@@ -241,6 +244,9 @@ class Scheduler:
         self._advance(batch, choose(out.logits[:, -1], jobs))
         if not batch.jobs:
             return
+        shared = self.batches.get(None)
+        if jobs[0].entry.shared_decoding and batch.joinable and (shared is None or shared.joinable):
+            key = batch.key = None  # decoding reads the prompt method's tokens from the cache alone
         if key in self.batches:
             self.batches[key].join(batch)
             self.stats["joined"] += len(batch.jobs)
