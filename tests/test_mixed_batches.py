@@ -7,6 +7,7 @@ import torch
 from tiny_models import tiny_batch, tiny_model
 
 import adapterkit as ak
+from adapterkit.methods.bottleneck import AdapterHConfig, AdapterPConfig, ParallelConfig, SeriesAdapter
 from adapterkit.methods.lora_effects import DoraEffect, LoraEffect
 
 ADAPTERS = {  # name: LoRA settings; two ranks, so the site holds two gathered groups
@@ -89,3 +90,49 @@ def test_gradients_of_a_mixed_batch_equal_each_adapters_own():
         (logits.pow(2).sum() / (len(ROWS) * logits[0].numel())).backward()
         for key, p in params[name].items():
             torch.testing.assert_close(p.grad, mixed[name][key], atol=1e-6, rtol=1e-4)
+
+
+BOTTLENECKS = {  # two shapes of series adapter, a parallel one (fed by a captured input: row by row), LoRA
+    "h": lambda: AdapterHConfig(bottleneck_size=6, non_linearity="gelu", scaling=0.7),
+    "p": lambda: AdapterPConfig(bottleneck_size=6, non_linearity="gelu", scaling=0.7),
+    "p8": lambda: AdapterPConfig(bottleneck_size=8, non_linearity="gelu", scaling="learned"),
+    "par": lambda: ParallelConfig(bottleneck_size=6, location="mlp", non_linearity="tanh", scaling=2.0),
+    "lora": lambda: ak.LoraConfig(r=4, target_modules="all-linear"),
+}
+
+
+@torch.no_grad()
+def test_bottleneck_rows_gather_and_equal_each_adapter_alone(monkeypatch):
+    adapted = tiny_model("llama")
+    for i, (name, config) in enumerate(BOTTLENECKS.items()):
+        adapted = ak.adapt(adapted, config(), name=name)
+        torch.manual_seed(i)
+        for p in adapted._parameters_of(adapted.records[name]).values():
+            p.add_(torch.randn_like(p) * 0.2)
+    adapted.eval()
+    rows = ["h", "par", None, "p8", "lora", "p", "h", "p8"]
+    ids = tiny_batch(batch=len(rows), length=7)["input_ids"]
+    alone = {name: _alone(adapted, ids, name) for name in set(rows)}
+    monkeypatch.setattr(SeriesAdapter, "on_output", lambda *a: pytest.fail("a series adapter ran row by row"))
+    mixed = adapted(input_ids=ids, adapter_names=rows).logits
+    for row, name in enumerate(rows):
+        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "falcon", "opt", "qwen3"])
+@torch.no_grad()
+def test_gathered_rows_across_families(family):
+    adapted = tiny_model(family)
+    for i, (name, config) in enumerate({"a": ak.LoraConfig(r=4, target_modules="all-linear"),
+                                        "b": ak.LoraConfig(r=4, target_modules="all-linear"),
+                                        "h": AdapterHConfig(bottleneck_size=6)}.items()):
+        adapted = ak.adapt(adapted, config, name=name)
+        torch.manual_seed(i)
+        for p in adapted._parameters_of(adapted.records[name]).values():
+            p.add_(torch.randn_like(p) * 0.2)
+    adapted.eval()
+    rows = ["a", None, "b", "h"]
+    ids = tiny_batch(batch=len(rows), length=6)["input_ids"]
+    mixed = adapted(input_ids=ids, adapter_names=rows).logits
+    for row, name in enumerate(rows):
+        torch.testing.assert_close(mixed[row], _alone(adapted, ids, name)[row], atol=1e-5, rtol=0)

@@ -165,6 +165,24 @@ class Bottleneck(Effect):
         h = cast_for_adapter(x, self.adapter_down.weight)
         return self.adapter_up(self.drop(self.act(self.adapter_down(h)))) * self.adapter_scale
 
+    # Mixed batches: adapters of one shape at one site run as one gathered product (see sites.Effect).
+    def gather_key(self) -> tuple | None:
+        if not self.acts_on_output or getattr(self, "source", None) is not None:
+            return None  # on the input, or fed by a captured sub-layer input: row by row
+        return (type(self), tuple(self.adapter_down.weight.shape), tuple(self.adapter_up.weight.shape),
+                self.adapter_down.weight.dtype, type(self.act), getattr(self.drop, "p", 0.0))
+
+    def gather_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.adapter_down.weight, self.adapter_down.bias, self.adapter_up.weight, self.adapter_up.bias,
+                self.adapter_scale)
+
+    def gathered_adapter(self, stacked, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per row, its own adapter on x, as (rows, tokens, features out)."""
+        down, down_bias, up, up_bias, scale = stacked
+        h = cast_for_adapter(x, down).reshape(slots.shape[0], -1, down.shape[-1])
+        h = self.drop(self.act(torch.baddbmm(down_bias[slots].unsqueeze(1), h, down[slots].transpose(1, 2))))
+        return torch.baddbmm(up_bias[slots].unsqueeze(1), h, up[slots].transpose(1, 2)) * scale[slots].view(-1, 1, 1)
+
 
 class SeriesAdapter(Bottleneck):
     """On a module's output: y + s * up(act(down(y)))."""
@@ -173,6 +191,9 @@ class SeriesAdapter(Bottleneck):
 
     def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y + self.adapter(y).to(y.dtype)
+
+    def on_output_gathered(self, stacked, slots, x, y):
+        return y + self.gathered_adapter(stacked, slots, y).reshape(y.shape).to(y.dtype)
 
 
 class InputAdapter(Bottleneck):
@@ -201,6 +222,9 @@ class ParallelAdapter(Bottleneck):
     def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         source = x if self.source is None else self.source.take()
         return y + self.adapter(source).to(y.dtype)
+
+    def on_output_gathered(self, stacked, slots, x, y):
+        return y + self.gathered_adapter(stacked, slots, x).reshape(y.shape).to(y.dtype)
 
 
 class InputCapture(Effect):
