@@ -1,7 +1,8 @@
 """Training checkpoints: adapter, optimizer, scheduler, RNG and data position; atomic; the last K kept.
 
 Everything is safetensors or JSON: optimizer moments and RNG states are tensors, the rest is JSON.
-A checkpoint folder becomes visible (renamed into place) only once complete.
+A checkpoint folder becomes visible (renamed into place) only once complete. A sharded run's checkpoint
+holds the gathered adapter beside `sharded/`, its adapter and optimizer shards (see sharded.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import CheckpointException
 
 from ..errors import AdapterkitError
+from ..training.distributed import World, barrier
+from ..training.sharding import is_sharded
 from .files import note_outputs, save_tensors, writing
 from .native import read_adapter, trainable_only
+from .sharded import SHARDED_DIR, load_state, save_gathered, save_state, shard_count
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -36,33 +41,48 @@ def checkpoint_dirs(output: Path) -> list[Path]:
 
 
 def save_checkpoint(output: Path, step: int, adapted, optimizer, scheduler, position: dict, keep: int,
-                    texts: dict[str, str] | None = None) -> Path:
+                    texts: dict[str, str] | None = None, world: World | None = None) -> Path:
     """Write checkpoint `step` (with `texts`, e.g. the metrics so far, inside it) and keep the last `keep`.
-    The folder is renamed into place only when every file is written."""
+    The folder is renamed into place only when every file is written. In a sharded run (`world.sharded`)
+    every process calls this and writes its shard; the main one writes the rest and renames."""
+    sharded = world is not None and world.sharded
+    main = world is None or world.main
     root = output / "checkpoints"
-    with writing(root):
-        root.mkdir(parents=True, exist_ok=True)
-    note_outputs(output, ["checkpoints"])
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        adapted.save(tmp)
-        tensors, groups = _optimizer_tensors(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_tensors(tensors, tmp / OPTIMIZER_FILE)
-        state = {"step": step, "position": position, "param_groups": groups,
-                 "scheduler": scheduler.state_dict(),  # lr_lambdas are plain functions: saved as None
-                 "python_rng": _jsonable(random.getstate())}
-        with writing(tmp):
-            for name, text in (texts or {}).items():
-                (tmp / name).write_text(text, encoding="utf-8")
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-    finally:
+    if main:
+        with writing(root):
+            root.mkdir(parents=True, exist_ok=True)
+        note_outputs(output, ["checkpoints"])
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in checkpoint_dirs(output)[:-keep] if keep > 0 else []:
+    if sharded:
+        barrier(world)  # the temporary folder is fresh before any process writes into it
+    try:
+        if sharded:
+            save_gathered(adapted, tmp, adapted._single_name(), world)
+            save_state(tmp / SHARDED_DIR, adapted, optimizer, adapted._single_name())
+            tensors, groups = {}, _jsonable(optimizer.state_dict()["param_groups"])  # moments are in the shards
+        else:
+            adapted.save(tmp)
+            tensors, groups = _optimizer_tensors(optimizer)
+        if main:
+            tensors["rng.torch"] = torch.get_rng_state()
+            save_tensors(tensors, tmp / OPTIMIZER_FILE)
+            state = {"step": step, "position": position, "param_groups": groups,
+                     "scheduler": scheduler.state_dict(),  # lr_lambdas are plain functions: saved as None
+                     "python_rng": _jsonable(random.getstate())}
+            if sharded:
+                state["sharded"] = {"processes": world.size, "format": "torch.distributed.checkpoint safetensors"}
+            with writing(tmp):
+                for name, text in (texts or {}).items():
+                    (tmp / name).write_text(text, encoding="utf-8")
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+    finally:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in checkpoint_dirs(output)[:-keep] if keep > 0 and main else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -83,7 +103,7 @@ def read_checkpoint(directory: Path) -> dict:
             if metrics_file.is_file() else None
     except (OSError, ValueError, SafetensorError) as exc:
         raise AdapterkitError(f"checkpoint {directory.name} is damaged ({str(exc).splitlines()[0]})") from exc
-    problem = _state_problem(state, tensors, metrics)
+    problem = _state_problem(state, tensors, metrics) or _shards_problem(state, directory)
     if problem:
         raise AdapterkitError(f"checkpoint {directory.name} is damaged ({problem})")
     return {"weights": trainable_only(weights), "state": state, "tensors": tensors, "metrics": metrics}
@@ -118,16 +138,36 @@ def _state_problem(state, tensors: dict, metrics) -> str | None:
     return None
 
 
+def _shards_problem(state: dict, directory: Path) -> str | None:
+    """A sharded checkpoint needs one shard file per process that wrote it."""
+    sharded = state.get("sharded")
+    if sharded is None:
+        return None
+    processes = sharded.get("processes") if isinstance(sharded, dict) else None
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        return f"{STATE_FILE}: sharded.processes is not a number of processes"
+    found = shard_count(directory / SHARDED_DIR)
+    return None if found == processes else f"{SHARDED_DIR}/ holds {found} of its {processes} shard files"
+
+
 def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns the saved state (step, data position),
-    with the metrics saved inside the checkpoint under "metrics"."""
+    with the metrics saved inside the checkpoint under "metrics". A sharded checkpoint loads into any
+    number of processes, sharded or not."""
     saved = read_checkpoint(directory)
     state = saved["state"]
     try:
-        adapted.load_adapter_state_dict(saved["weights"])
-        optimizer.load_state_dict(_optimizer_state(saved["tensors"], state["param_groups"]))
+        if state.get("sharded"):
+            load_state(directory / SHARDED_DIR, adapted, optimizer, adapted._single_name(), saved["weights"])
+            for group, kept in zip(optimizer.param_groups, state["param_groups"], strict=True):
+                group.update({k: v for k, v in kept.items() if k != "params"})
+        elif any(is_sharded(p) for p in adapted.parameters()):
+            raise AdapterkitError("it was written by a run without --shard; resume it without --shard")
+        else:
+            adapted.load_adapter_state_dict(saved["weights"])
+            optimizer.load_state_dict(_optimizer_state(saved["tensors"], state["param_groups"]))
         scheduler.load_state_dict(state["scheduler"])
-    except (ValueError, KeyError, RuntimeError, TypeError, AdapterkitError) as exc:
+    except (ValueError, KeyError, RuntimeError, TypeError, AdapterkitError, CheckpointException) as exc:
         raise AdapterkitError(f"checkpoint {directory.name} does not fit this run ({str(exc).splitlines()[0]}); "
                               "resume with the settings it was saved with") from exc
     try:

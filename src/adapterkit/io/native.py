@@ -74,13 +74,21 @@ def _sha(text: str) -> str:
 
 
 def save_adapter(adapted, directory: Path, name: str) -> Path:
+    meta, tensors, parameters = adapter_payload(adapted, name)
+    return write_adapter(directory, meta, tensors, set(adapted.adapter_state_dict(name)), parameters)
+
+
+def adapter_payload(adapted, name: str, weights: dict[str, torch.Tensor] | None = None
+                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
+    """(config json, tensors, parameter count) of adapter `name`, checked, fingerprint included; nothing
+    written. `weights`: its full tensors when they were gathered from shards (a sharded run)."""
     record = adapted.records[name]
     if record.merged:
         raise AdapterkitError(f"adapter {name!r} is merged into the base weights: unmerge() it before saving")
     if "forward" in vars(adapted):
         warn("the model's forward is wrapped (a mixed-precision wrapper left by training, e.g. HF Trainer with "
              "bf16=True); the fingerprint is taken on the unwrapped model in its loaded dtype")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapted.adapter_state_dict(name).items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in (weights or adapted.adapter_state_dict(name)).items()}
     check_tensors(tensors)
     parameters = sum(t.numel() for t in tensors.values())
     tensors.update(exported_tensors(record))
@@ -100,8 +108,13 @@ def save_adapter(adapted, directory: Path, name: str) -> Path:
                 "or with a larger learning rate)" if dtype in (torch.bfloat16, torch.float16) else "")
         raise AdapterkitError(f"adapter {name!r} was trained for {record.trained_steps} steps but gives exactly the "
                               f"base model's logits{hint}; refusing to save an adapter that changes nothing")
+    return meta, tensors, parameters
+
+
+def write_adapter(directory: Path, meta: dict, tensors: dict[str, torch.Tensor], keys: set[str],
+                  parameters: int) -> Path:
     write_files(directory, {CONFIG_FILE: json.dumps(meta, indent=2) + "\n"}, {WEIGHTS_FILE: tensors})
-    check_saved_weights(directory, set(adapted.adapter_state_dict(name)), parameters)
+    check_saved_weights(directory, keys, parameters)
     return directory
 
 

@@ -17,10 +17,12 @@ from ..io.files import note_outputs, write_files, writing
 
 
 def finish_run(settings, config, adapted, output: Path, metrics, best, total, world, n_train, n_val,
-               seconds, data_history: list[dict], precision: str) -> dict:
-    """The adapter to use (best by validation loss, else the last), metrics, plot, model card and run.json."""
+               seconds, data_history: list[dict], precision: str, last_saved: bool = False) -> dict:
+    """The adapter to use (best by validation loss, else the last), metrics, plot, model card and run.json.
+    `last_saved`: `last/` is written already (gathered from the shards of a sharded run)."""
     note_outputs(output, ["last", "loss.png", "adapter_config.json", "adapter_model.safetensors"])
-    adapted.save(output / "last")
+    if not last_saved:
+        adapted.save(output / "last")
     chosen = output / ("best" if best["step"] is not None else "last")
     with writing(output):
         for name in ("adapter_config.json", "adapter_model.safetensors"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,17 +27,28 @@ from ..data import (
     read_records,
     split_validation,
 )
-from ..errors import AdapterkitError, warn
+from ..errors import AdapterkitError, AdapterkitWarning, warn
 from ..hardware import resolve_precision
 from ..io.checkpoint import latest_good_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from ..io.files import check_output, clear_outputs, note_outputs, write_files
+from ..io.sharded import save_gathered
 from ..methods import get_method
 from ..models import DEFAULT_MODEL, load_model
 from ..packing import check_packing, collate_packed, pack
 from ..quantization import QUANTIZE
 from ..settings import check_fields, option
 from ..training import causal_lm_loss, fit, make_optimizer
-from ..training.distributed import World, barrier, finish, init_world, sum_across
+from ..training.distributed import (
+    World,
+    barrier,
+    finish,
+    init_world,
+    launched,
+    peer_failure,
+    planned_size,
+    sum_across,
+)
+from ..training.sharding import SHARDS, check_shard, shard_model
 from .common import generation_info
 from .reporting import REPORTERS, check_reporter, make_reporter
 from .run_files import effective_yaml, finish_run, jsonl
@@ -78,6 +90,9 @@ class TrainSettings:
     packing: bool = option(False, "several records per row of --cutoff-len tokens, kept apart (their own positions, "
                            "a block-diagonal mask): no compute spent on padding")
     gradient_checkpointing: bool = option(False, "recompute each layer in backward: less memory, slower steps")
+    shard: str = option("none", "fsdp: shard the model over the launched processes (FSDP2: each decoder layer, then "
+                        "the rest), zero3: DeepSpeed ZeRO-3 (see README), none: every process holds the whole model",
+                        choices=SHARDS)
     overwrite: bool = option(False, "replace what an earlier run wrote in --output (other files are refused)")
     allow_new_data: bool = option(False, "with --resume: continue on data that differs from the run's")
     method_options: dict = option({}, "the method's options", cli=False)
@@ -85,13 +100,14 @@ class TrainSettings:
     def __post_init__(self) -> None:
         check_fields(self)
 
-    def validate(self, world: World) -> None:
+    def validate(self, processes: int) -> None:
         """What depends on the launcher: the global batch must split over micro-batches and processes."""
-        if self.batch_size % (self.micro_batch_size * world.size):
+        check_shard(self.shard, launched(), self.quantize)
+        if self.batch_size % (self.micro_batch_size * processes):
             raise AdapterkitError(
                 f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size {self.micro_batch_size}"
-                + (f" x {world.size} processes" if world.size > 1 else "")
-                + f"; use a multiple of {self.micro_batch_size * world.size}")
+                + (f" x {processes} processes" if processes > 1 else "")
+                + f"; use a multiple of {self.micro_batch_size * processes}")
 
 
 def method_config(method: str, options: dict):
@@ -137,18 +153,38 @@ def resume_point(settings: TrainSettings, output: Path) -> tuple[Path | None, li
 
 
 def train(settings: TrainSettings) -> dict:
-    """Fine-tune one adapter; returns the run summary also written to run.json."""
-    world = init_world()
+    """Fine-tune one adapter; returns the run summary also written to run.json. Launched as several
+    processes, the first one alone prints and writes (sharded runs write checkpoints' shards from each);
+    a process that fails stops the others at their next collective, each with one line."""
+    settings.validate(planned_size())  # before joining the group: every process refuses alike
+    world = init_world(sharded=settings.shard == "fsdp")
     try:
-        run = _train(settings, world)
+        with warnings.catch_warnings():
+            if not world.main:
+                warnings.simplefilter("ignore", AdapterkitWarning)  # the first process says it once
+            run = _train(settings, world)
         barrier(world)  # nobody leaves the group while the main process still writes
         return run
+    except Exception as exc:
+        failure = peer_failure(exc, world)
+        if failure is not None:
+            raise failure from exc
+        if isinstance(exc, AdapterkitError) and world.size > 1:
+            raise AdapterkitError(f"process {world.rank} of {world.size}: {exc}") from exc
+        raise
     finally:
         finish(world)
 
 
+def save_adapter(adapted, directory: Path, world: World) -> None:
+    """An adapter folder: gathered from the shards by every process under --shard, else by the main one."""
+    if world.sharded:
+        save_gathered(adapted, directory, "default", world)
+    elif world.main:
+        adapted.save(directory)
+
+
 def _train(settings: TrainSettings, world: World) -> dict:
-    settings.validate(world)
     config = method_config(settings.method, settings.method_options)
     output = Path(settings.output)
     check_output(output, settings.overwrite, bool(settings.resume), resumable=True)
@@ -185,6 +221,8 @@ def _train(settings: TrainSettings, world: World) -> dict:
         with adapted.disabled():
             check_packing(adapted, encoded, tokenizer.pad_token_id, 1e-3 if precision == "fp32" else 5e-2)
         batch_of = collate_packed
+    if world.sharded:
+        shard_model(adapted, precision)
     micro, per_step = settings.micro_batch_size, settings.batch_size // settings.micro_batch_size
     per_epoch = len(encoded) // micro
     if per_epoch < per_step:
@@ -245,10 +283,10 @@ def _train(settings: TrainSettings, world: World) -> dict:
                 best.update(val_loss=val_loss, step=step)
                 if world.main:
                     note_outputs(output, ["best"])
-                    adapted.save(output / "best")
-        if world.main and (step % settings.save_steps == 0 or step == total):
+                save_adapter(adapted, output / "best", world)
+        if (world.main or world.sharded) and (step % settings.save_steps == 0 or step == total):
             save_checkpoint(output, step, adapted, optimizer, scheduler, {"best": best, "data": data_history},
-                            settings.save_total_limit, texts={"metrics.jsonl": jsonl(metrics)})
+                            settings.save_total_limit, texts={"metrics.jsonl": jsonl(metrics)}, world=world)
 
     try:
         fit(adapted, my_micro_batches, start, total, optimizer, scheduler, params, world, per_step,
@@ -257,9 +295,13 @@ def _train(settings: TrainSettings, world: World) -> dict:
         bar.close()  # before any error line, so that line is the last one printed
         reporter.close()
     run = {}
+    if world.sharded:
+        if world.main:
+            note_outputs(output, ["last"])
+        save_adapter(adapted, output / "last", world)
     if world.main:
         run = finish_run(settings, config, adapted, output, metrics, best, total, world, len(train_records),
-                         len(val_encoded), time.time() - started, data_history, precision)
+                         len(val_encoded), time.time() - started, data_history, precision, last_saved=world.sharded)
     return run
 
 
@@ -268,12 +310,16 @@ def validation_loss(adapted, examples, micro: int, pad_id: int, world: World, au
     """Token-weighted mean loss over the validation set, shared across processes."""
     adapted.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    for index, start in enumerate(range(0, len(examples), micro)):
-        if index % world.size != world.rank:
-            continue
-        batch = _to(collate(examples[start:start + micro], pad_id), world.device)
+    starts = list(range(0, len(examples), micro))
+    mine: list[int | None] = list(starts[world.rank::world.size])
+    if world.sharded:  # each forward gathers weights with the others: every process runs as many
+        mine += [None] * (-(-len(starts) // world.size) - len(mine))
+    for start in mine:
+        batch = _to(collate(examples[start or 0:(start or 0) + micro], pad_id), world.device)
         with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=autocast is not None):
             logits = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if start is None:
+            continue  # a filler forward: counts nothing
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         totals += torch.tensor([causal_lm_loss(logits, batch["labels"]).item() * tokens, tokens],
                                dtype=torch.float64)
