@@ -25,7 +25,7 @@ HEAD_DIM = HIDDEN // HEADS
 # Optimizer steps on one fixed batch. Each loss_drop below is about half the smallest drop any family
 # showed in STEPS steps (torch 2.13, transformers 5.24): lora 1.30, adapter-h 0.83, adapter-p 0.54,
 # parallel 1.19, prompt-tuning 0.107, p-tuning 0.167, prefix-tuning 0.73, p-tuning-v2 0.146,
-# loha 0.42.
+# loha 0.42, lokr 0.51.
 STEPS = 15
 # Key/value heads of each tiny family, from its config in tiny_models.py (grouped or multi-query).
 KV_HEADS = {"llama": 2, "mistral": 2, "qwen2": 2, "gemma": 1, "falcon": 1, **dict.fromkeys(TODAY_FAMILIES, 2)}
@@ -147,6 +147,16 @@ def _loha_trainable(family: str, adapted) -> int:
     return sum(2 * 2 * (n_in + n_out) for n_in, n_out in _targeted_shapes(adapted))
 
 
+def _lokr_trainable(family: str, adapted) -> int:
+    """decompose_factor 4, r 2: out = a c, in = b d with a = b = 4 (a 1-wide output, the shared-expert gate of
+    some MoE blocks, is 1 x 1); W1 whole [a, b], W2 split [c, 2] [2, d] (r < max(c, d) / 2: every targeted
+    layer of the tiny models reads at least 32 features, so d >= 8)."""
+    def split(n: int) -> tuple[int, int]:
+        return (4, n // 4) if n % 4 == 0 else (1, n)
+    return sum(split(n_out)[0] * split(n_in)[0] + 2 * (split(n_out)[1] + split(n_in)[1])
+               for n_in, n_out in _targeted_shapes(adapted))
+
+
 CASES: dict[str, MethodCase] = {
     "lora": MethodCase(config=_lora_config, starts_as_base=True, trainable=_lora_trainable, lr=1e-2, steps=STEPS,
                        loss_drop=0.6, mergeable=True, check_attached=_lora_targets),
@@ -164,6 +174,10 @@ CASES: dict[str, MethodCase] = {
                       trainable=_ia3_trainable, lr=5e-2, steps=STEPS, loss_drop=0.2, mergeable=True),
     "loha": MethodCase(config=lambda family: ak.get_method("loha").config_class(r=2, target_modules="all-linear"),
                        starts_as_base=True, trainable=_loha_trainable, lr=1e-2, steps=STEPS, loss_drop=0.2,
+                       mergeable=True, refuses=_refuses_conv1d),
+    "lokr": MethodCase(config=lambda family: ak.get_method("lokr").config_class(
+                           r=2, decompose_factor=4, target_modules="all-linear"),
+                       starts_as_base=True, trainable=_lokr_trainable, lr=1e-2, steps=STEPS, loss_drop=0.25,
                        mergeable=True, refuses=_refuses_conv1d),
     "p-tuning-v2": _prompt(lambda family: ak.PTuningV2Config(num_virtual_tokens=K),  # prefixes trained directly
                            lambda family, adapted: K * LAYERS * 2 * kv_width(family), loss_drop=0.07),

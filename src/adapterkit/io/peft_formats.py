@@ -20,6 +20,7 @@ import torch
 from ..config import AdapterConfig
 from ..errors import AdapterkitError
 from ..methods.loha import LohaConfig
+from ..methods.lokr import LokrConfig
 
 PEFT_PREFIX = "base_model.model."
 # Options that change nothing once the weights exist, in every PEFT config.
@@ -69,6 +70,11 @@ FORMATS: dict[str, PeftFormat] = {
     "loha": PeftFormat(
         "LOHA", LohaConfig, {k: k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
         {"r": "r", "alpha": "alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout"},
+        fixed={"use_effective_conv2d": False}, patterns=True),
+    "lokr": PeftFormat(
+        "LOKR", LokrConfig, {k: k for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},
+        {k: k for k in ("r", "alpha", "rank_dropout", "module_dropout", "rank_dropout_scale", "decompose_both",
+                        "decompose_factor")},
         fixed={"use_effective_conv2d": False}, patterns=True),
 }
 BY_PEFT_TYPE = {f.peft_type: method for method, f in FORMATS.items()}

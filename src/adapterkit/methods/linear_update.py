@@ -60,6 +60,15 @@ def pattern_value(pattern: dict, path: str, default):
     return default
 
 
+def drop_rows(weight: torch.Tensor, p: float, rescale: bool) -> torch.Tensor:
+    """Rows of an update kept with probability 1 - p (PEFT's rank dropout: the mask drawn on the CPU),
+    the kept ones divided by the kept fraction when `rescale` (an all-dropped mask gives zeros)."""
+    keep = (torch.rand(weight.shape[0]) > p).to(weight.dtype)
+    if rescale:
+        keep = keep / keep.mean().clamp(min=1.0 / weight.shape[0])
+    return weight * keep.to(weight.device).unsqueeze(1)
+
+
 def refuse_transposed(method: str, path: str, base: nn.Module, what: str) -> None:
     """One error for a Conv1D layer (weight stored in x out) where PEFT's method takes nn.Linear only."""
     if is_linear(base) and linear_shape(base)[2]:

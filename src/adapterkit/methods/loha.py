@@ -26,6 +26,7 @@ from .linear_update import (
     WeightUpdateEffect,
     check_patterns,
     check_targets,
+    drop_rows,
     linear_targets,
     pattern_value,
     refuse_transposed,
@@ -61,15 +62,6 @@ class LohaConfig(AdapterConfig):
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         return pattern_value(self.rank_pattern, path, self.r), pattern_value(self.alpha_pattern, path, self.alpha)
-
-
-def drop_rows(weight: torch.Tensor, p: float, rescale: bool) -> torch.Tensor:
-    """Rows of an update kept with probability 1 - p (PEFT's rank dropout: the mask drawn on the CPU),
-    the kept ones divided by the kept fraction when `rescale` (an all-dropped mask gives zeros)."""
-    keep = (torch.rand(weight.shape[0]) > p).to(weight.dtype)
-    if rescale:
-        keep = keep / keep.mean().clamp(min=1.0 / weight.shape[0])
-    return weight * keep.to(weight.device).unsqueeze(1)
 
 
 class LohaEffect(WeightUpdateEffect):
