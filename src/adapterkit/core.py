@@ -190,6 +190,12 @@ class AdaptedModel(Merging, nn.Module):
                                   "activate one of them")
         return self.input_hooks[names[0]]
 
+    def compile(self, **kwargs) -> None:
+        """torch.compile the wrapped causal LM in place (what forward and generate call); `kwargs` go to
+        torch.compile. New weights of the same shapes (`adapterkit.io.hotswap`, an optimizer step) run
+        without recompiling; switching the active adapter, or a mixed batch's rows, compiles anew."""
+        self.causal_lm.compile(**kwargs)
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each decoder layer in backward. adapterkit's own (non-reentrant) checkpointing
         instead of transformers': that one drops the cache, and with it the prefixes of prefix methods."""

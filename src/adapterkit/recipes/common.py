@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..core import AdaptedModel
 from ..io import load
 from ..models import load_model
 
+COMPILE_HELP = "torch.compile the model: faster steady state; each new input shape's first call compiles"
+
 
 def load_for_inference(model_name: str, adapter: str | None, dtype: str = "fp32", force: bool = False,
-                       quantize: str = "none"):
+                       quantize: str = "none", compile: bool = False):
     """(model or AdaptedModel, tokenizer) ready for generation."""
     model, tokenizer = load_model(model_name, dtype, quantize)
     if adapter:
         adapted = AdaptedModel(model)
         adapted.tokenizer = tokenizer
         model = load(adapted, adapter, force=force)
+    if compile:
+        model.compile()  # an AdaptedModel compiles its causal LM, which forward and generate call
+        print("torch.compile: on (the first call of each input shape compiles, which takes a while)",
+              file=sys.stderr, flush=True)
     return model, tokenizer
 
 

@@ -29,7 +29,7 @@ from ..tasks import (
     question_of,
     resolve_task,
 )
-from .common import load_for_inference
+from .common import COMPILE_HELP, load_for_inference
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -55,6 +55,7 @@ class EvalSettings:
                                   choices=TEMPLATES)
     precision: str = option("fp32", "the dtype the model is loaded in", choices=PRECISIONS)
     quantize: str = option("none", "load the base's linear layers quantized: int8 or nf4", choices=QUANTIZE)
+    compile: bool = option(False, COMPILE_HELP)
     force: bool = option(False, "load an adapter trained on another base model")
     progress: bool = option(True, "show a progress bar", cli=False)
 
@@ -150,7 +151,8 @@ def run_eval(settings: EvalSettings) -> dict:
     labels = spec.labels if spec and spec.type == kind else infer_labels([r["answer"] for r in records], kind)
     train_path, warning = training_file(s.adapter, s.train_data)
     dirty = contamination(records, read_records(train_path)) if train_path else None
-    model, tokenizer = load_for_inference(s.model, s.adapter, dtype=s.precision, force=s.force, quantize=s.quantize)
+    model, tokenizer = load_for_inference(s.model, s.adapter, dtype=s.precision, force=s.force, quantize=s.quantize,
+                                          compile=s.compile)
     predictions, summary = evaluate(model, tokenizer, records, kind, template, s.batch_size, s.max_new_tokens,
                                     s.num_beams, labels, s.progress)
     clean = {"contaminated": None, "clean_n": None, "clean_correct": None, "clean_accuracy": None}

@@ -13,7 +13,7 @@ from ..io.native import saved_template
 from ..models import DEFAULT_MODEL
 from ..quantization import QUANTIZE
 from ..settings import check_fields, option
-from .common import load_for_inference
+from .common import COMPILE_HELP, load_for_inference
 
 
 @dataclass
@@ -28,6 +28,7 @@ class GenerateSettings:
     top_p: float | None = option(None, "nucleus sampling: keep this much probability mass", above=0, maximum=1)
     force: bool = option(False, "load an adapter trained on another base model")
     quantize: str = option("none", "load the base's linear layers quantized: int8 or nf4", choices=QUANTIZE)
+    compile: bool = option(False, COMPILE_HELP)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -57,7 +58,7 @@ def run_generate(settings: GenerateSettings) -> str:
         raise AdapterkitError("empty prompt: pass --prompt TEXT or text on stdin")
     template = settings.template or saved_template(settings.adapter) or "alpaca"
     model, tokenizer = load_for_inference(settings.model, settings.adapter, force=settings.force,
-                                          quantize=settings.quantize)
+                                          quantize=settings.quantize, compile=settings.compile)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     return generate(model, tokenizer, [prompt], template, settings.max_new_tokens,
                     temperature=settings.temperature, top_p=settings.top_p, streamer=streamer)[0]
