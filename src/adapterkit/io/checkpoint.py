@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch.distributed.checkpoint import CheckpointException
 
 from ..errors import AdapterkitError
 from ..training.distributed import World, barrier
@@ -154,6 +153,8 @@ def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns the saved state (step, data position),
     with the metrics saved inside the checkpoint under "metrics". A sharded checkpoint loads into any
     number of processes, sharded or not."""
+    from torch.distributed.checkpoint import CheckpointException  # seconds to import: only when resuming
+
     saved = read_checkpoint(directory)
     state = saved["state"]
     try:

@@ -11,6 +11,7 @@ connection); `peer_failure` turns that into one line pointing at the failed proc
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -85,8 +86,9 @@ def peer_failure(exc: BaseException, world: World) -> AdapterkitError | None:
     text = str(exc)
     if isinstance(exc, dist.DistError) or any(s in text for s in ("Connection closed by peer", "Connection reset",
                                                                     "Broken pipe", "[gloo]")):
+        seen = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(exc).__name__)  # gloo's source line
         return AdapterkitError(f"process {world.rank} of {world.size} stopped: another process failed (its error "
-                               f"is printed above; here: {text.splitlines()[0][:160] if text else type(exc).__name__})")
+                               f"is printed above; here: {seen[:120]})")
     return None
 
 
