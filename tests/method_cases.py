@@ -25,7 +25,7 @@ HEAD_DIM = HIDDEN // HEADS
 # Optimizer steps on one fixed batch. Each loss_drop below is about half the smallest drop any family
 # showed in STEPS steps (torch 2.13, transformers 5.24): lora 1.30, adapter-h 0.83, adapter-p 0.54,
 # parallel 1.19, prompt-tuning 0.107, p-tuning 0.167, prefix-tuning 0.73, p-tuning-v2 0.146,
-# loha 0.42, lokr 0.51.
+# loha 0.42, lokr 0.51, vera 0.43.
 STEPS = 15
 # Key/value heads of each tiny family, from its config in tiny_models.py (grouped or multi-query).
 KV_HEADS = {"llama": 2, "mistral": 2, "qwen2": 2, "gemma": 1, "falcon": 1, **dict.fromkeys(TODAY_FAMILIES, 2)}
@@ -157,6 +157,12 @@ def _lokr_trainable(family: str, adapted) -> int:
                for n_in, n_out in _targeted_shapes(adapted))
 
 
+def _vera_trainable(family: str, adapted) -> int:
+    """lambda_b over the output features and lambda_d over r = 16, per targeted linear layer (the shared
+    projections are frozen)."""
+    return sum(n_out + 16 for _, n_out in _targeted_shapes(adapted))
+
+
 CASES: dict[str, MethodCase] = {
     "lora": MethodCase(config=_lora_config, starts_as_base=True, trainable=_lora_trainable, lr=1e-2, steps=STEPS,
                        loss_drop=0.6, mergeable=True, check_attached=_lora_targets),
@@ -179,6 +185,9 @@ CASES: dict[str, MethodCase] = {
                            r=2, decompose_factor=4, target_modules="all-linear"),
                        starts_as_base=True, trainable=_lokr_trainable, lr=1e-2, steps=STEPS, loss_drop=0.25,
                        mergeable=True, refuses=_refuses_conv1d),
+    "vera": MethodCase(config=lambda family: ak.get_method("vera").config_class(r=16, target_modules="all-linear"),
+                       starts_as_base=True, trainable=_vera_trainable, lr=5e-2, steps=STEPS, loss_drop=0.2,
+                       mergeable=True),
     "p-tuning-v2": _prompt(lambda family: ak.PTuningV2Config(num_virtual_tokens=K),  # prefixes trained directly
                            lambda family, adapted: K * LAYERS * 2 * kv_width(family), loss_drop=0.07),
 }

@@ -50,12 +50,13 @@ def copy_from_peft(peft_model, adapted, names: dict[str, str]) -> None:
 
 
 def assert_same_training(peft_model, adapted, steps: int = 3, lr: float = 1e-2, tolerance: float = 1e-4) -> None:
-    """Adam steps on one batch in both; the logits stay equal after each."""
+    """Adam steps on one batch in both, in training mode; the logits stay equal after each."""
     batch = tiny_batch()
     models = (peft_model, adapted)
     optimizers = [torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=lr) for m in models]
-    for _ in range(steps):
+    for step in range(steps):
         for model, optimizer in zip(models, optimizers, strict=True):
+            torch.manual_seed(step)  # the base model's own dropout (some families have it): the same masks
             model.train()
             optimizer.zero_grad()
             model(**batch).loss.backward()

@@ -254,6 +254,8 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
      "loha rank_dropout must be in [0, 1)"),
     ("lokr-decompose-factor-zero", lambda w, d: train(w, d, "--method", "lokr", "--decompose-factor", "0"),
      "lokr decompose_factor must be -1 or a positive integer"),
+    ("vera-dropout-one", lambda w, d: train(w, d, "--method", "vera", "--vera-dropout", "1"),
+     "vera dropout must be in [0, 1)"),
     ("lora-dropout-nan", lambda w, d: train(w, d, "--lora-dropout", "nan"), "lora dropout must be a finite"),
     ("lora-bias-bad", lambda w, d: train(w, d, "--lora-bias", "some"), "lora bias must be one of"),
     ("rank-pattern-text", lambda w, d: train(w, d, "--rank-pattern", "q_proj"), "expected NAME=VALUE pairs"),

@@ -21,6 +21,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterkitError
 from ..methods.loha import LohaConfig
 from ..methods.lokr import LokrConfig
+from ..methods.vera import VeraConfig, projections
 
 PEFT_PREFIX = "base_model.model."
 # Options that change nothing once the weights exist, in every PEFT config.
@@ -66,6 +67,34 @@ class PeftFormat:
     read_extra: Callable[[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict] | None = None
 
 
+_VERA_KEYS = ("base_model.vera_A", "base_model.vera_B")
+
+
+def _vera_projection(config: VeraConfig, parts: dict) -> dict[str, torch.Tensor]:
+    """VeRA's shared A and B, which PEFT saves once (save_projection=True, its default)."""
+    projection = next(iter(parts.values())).projection
+    return dict(zip(_VERA_KEYS, (projection.a.clone().contiguous(), projection.b.clone().contiguous()), strict=True))
+
+
+def _vera_check_projection(meta: dict, extra: dict[str, torch.Tensor], weights: dict) -> dict:
+    """PEFT's saved A and B must be those projection_prng_key gives: adapterkit draws them, never loads them."""
+    stray = sorted(set(extra) - set(_VERA_KEYS))
+    if stray:
+        raise AdapterkitError(f"the PEFT VERA file holds {stray[0]}, which adapterkit cannot read")
+    if extra:
+        if len(extra) != 2:
+            raise AdapterkitError("the PEFT VERA file holds one of vera_A and vera_B without the other")
+        a, b = (extra[k] for k in _VERA_KEYS)
+        seed = meta.get("projection_prng_key", 0)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not all(
+                torch.equal(t.float(), want) for t, want in zip((a, b), projections(seed, a.shape[0], a.shape[1],
+                                                                                    b.shape[0]), strict=True)):
+            raise AdapterkitError(f"the PEFT VERA projections vera_A/vera_B are not the ones projection_prng_key="
+                                  f"{seed} draws, and adapterkit draws them instead of loading them; re-save the "
+                                  "adapter with PEFT from a model made with that key, or merge it with PEFT")
+    return {}
+
+
 FORMATS: dict[str, PeftFormat] = {
     "loha": PeftFormat(
         "LOHA", LohaConfig, {k: k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
@@ -76,6 +105,11 @@ FORMATS: dict[str, PeftFormat] = {
         {k: k for k in ("r", "alpha", "rank_dropout", "module_dropout", "rank_dropout_scale", "decompose_both",
                         "decompose_factor")},
         fixed={"use_effective_conv2d": False}, patterns=True),
+    "vera": PeftFormat(
+        "VERA", VeraConfig, {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"},
+        {"r": "r", "projection_prng_key": "projection_prng_key", "d_initial": "d_initial", "dropout": "vera_dropout"},
+        fixed={"bias": "none"}, inert=frozenset({"save_projection"}), fan_in_fan_out=True,
+        write_extra=_vera_projection, read_extra=_vera_check_projection),
 }
 BY_PEFT_TYPE = {f.peft_type: method for method, f in FORMATS.items()}
 
