@@ -176,6 +176,7 @@ class AdapterSite(nn.Module):
         self.merged: list[str] = []
         self.checkpointed = False  # recompute this module in backward (gradient checkpointing)
         self._stacks: dict = {}    # gather key -> (stamp of the sources, stacked tensors)
+        self._groups: tuple | None = None  # (signature, gather groups), see _gather_groups
         object.__setattr__(self, "_state", state)  # shared, so never registered as a child
 
     def __getattr__(self, name: str):
@@ -232,25 +233,33 @@ class AdapterSite(nn.Module):
 
     def _run_gathered(self, x: torch.Tensor, y: torch.Tensor, effects: list) -> tuple[torch.Tensor, list]:
         """A mixed batch's gathering output effects, one product per key; returns y and the other effects."""
-        keys = {}
-        for name, effect in self.effects.items():
-            key = effect.gather_key() if effect.acts_on_output and name not in self.merged else None
-            if key is not None:
-                keys.setdefault(key, []).append(name)
         running = {id(effect) for effect, _ in effects}
         gathered = set()
-        for key, names in keys.items():  # every adapter of the kind at this site, so the stack outlives batches
-            if any(id(self.effects[n]) in running for n in names):
-                slots = self._state.slots_of(tuple(names), x.device)
-                y = self.effects[names[0]].on_output_gathered(self._stack(key, names), slots, x, y)
-                gathered.update(id(self.effects[n]) for n in names)
+        for key, (names, members, sources) in self._gather_groups().items():
+            if any(id(effect) in running for effect in members):
+                slots = self._state.slots_of(names, x.device)
+                y = members[0].on_output_gathered(self._stack(key, names, members, sources), slots, x, y)
+                gathered.update(id(effect) for effect in members)
         return y, [(effect, rows) for effect, rows in effects if id(effect) not in gathered]
 
-    def _stack(self, key: tuple, names: list[str]) -> tuple[torch.Tensor, ...]:
-        members = [self.effects[n] for n in names]
-        sources = [t for effect in members for t in effect.gather_sources()]
+    def _gather_groups(self) -> dict:
+        """gather key -> (names, effects, their sources): every adapter of the kind at this site, so a
+        stack outlives batches; made again only when the adapters, merges or train/eval mode change."""
+        signature = (tuple(self.effects.keys()), tuple(self.merged), self.training)
+        if self._groups is None or self._groups[0] != signature:
+            groups: dict = {}
+            for name, effect in self.effects.items():
+                key = effect.gather_key() if effect.acts_on_output and name not in self.merged else None
+                if key is not None:
+                    groups.setdefault(key, []).append((name, effect))
+            self._groups = (signature, {key: (tuple(n for n, _ in pairs), [e for _, e in pairs],
+                                              [t for _, e in pairs for t in e.gather_sources()])
+                                        for key, pairs in groups.items()})
+        return self._groups[1]
+
+    def _stack(self, key: tuple, names: tuple, members: list, sources: list) -> tuple[torch.Tensor, ...]:
         reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
-        stamp = (tuple(names), tuple((id(t), t.data_ptr(), t._version) for t in sources))
+        stamp = (names, tuple((t.data_ptr(), t._version) for t in sources))
         cached = self._stacks.get(key)
         if reuse and cached is not None and cached[0] == stamp:
             return cached[1]
