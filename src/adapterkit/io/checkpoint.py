@@ -153,10 +153,13 @@ def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns the saved state (step, data position),
     with the metrics saved inside the checkpoint under "metrics". A sharded checkpoint loads into any
     number of processes, sharded or not."""
-    from torch.distributed.checkpoint import CheckpointException  # seconds to import: only when resuming
-
     saved = read_checkpoint(directory)
     state = saved["state"]
+    errors: tuple = (ValueError, KeyError, RuntimeError, TypeError, AdapterkitError)
+    if state.get("sharded"):
+        from torch.distributed.checkpoint import CheckpointException  # seconds to import: only when needed
+
+        errors += (CheckpointException,)
     try:
         if state.get("sharded"):
             load_state(directory / SHARDED_DIR, adapted, optimizer, adapted._single_name(), saved["weights"])
@@ -168,7 +171,7 @@ def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
             adapted.load_adapter_state_dict(saved["weights"])
             optimizer.load_state_dict(_optimizer_state(saved["tensors"], state["param_groups"]))
         scheduler.load_state_dict(state["scheduler"])
-    except (ValueError, KeyError, RuntimeError, TypeError, AdapterkitError, CheckpointException) as exc:
+    except errors as exc:
         raise AdapterkitError(f"checkpoint {directory.name} does not fit this run ({str(exc).splitlines()[0]}); "
                               "resume with the settings it was saved with") from exc
     try:

@@ -14,6 +14,7 @@ global step), with plain SUM collectives because gloo has no pre-multiplied sum.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.util import find_spec
@@ -46,10 +47,10 @@ def zero3_missing() -> str:
     if find_spec("deepspeed") is None:
         return ("--shard zero3 needs DeepSpeed, which is not installed (pip install deepspeed); ZeRO-3 runs through HF "
                 "Trainer with the AdaptedModel under `accelerate launch --use_deepspeed --zero_stage 3` (README "
-                "'Sharded training'); --shard fsdp shards the model with torch alone")
+                "'Several processes and sharded training'); --shard fsdp shards the model with torch alone")
     return ("--shard zero3: `adapterkit train` does not drive DeepSpeed itself; run ZeRO-3 through HF Trainer with the "
-            "AdaptedModel under `accelerate launch --use_deepspeed --zero_stage 3` (README 'Sharded training'), or "
-            "use --shard fsdp")
+            "AdaptedModel under `accelerate launch --use_deepspeed --zero_stage 3` (README 'Several processes and sharded "
+            "training'), or use --shard fsdp")
 
 
 def layers_of(adapted) -> list[nn.Module]:
@@ -72,9 +73,10 @@ def shard_model(adapted, precision: str) -> None:
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+    """A DTensor (FSDP's shard); asked without importing torch.distributed.tensor, which takes seconds and
+    must have been imported already if any DTensor exists."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
