@@ -25,7 +25,7 @@ HEAD_DIM = HIDDEN // HEADS
 # Optimizer steps on one fixed batch. Each loss_drop below is about half the smallest drop any family
 # showed in STEPS steps (torch 2.13, transformers 5.24): lora 1.30, adapter-h 0.83, adapter-p 0.54,
 # parallel 1.19, prompt-tuning 0.107, p-tuning 0.167, prefix-tuning 0.73, p-tuning-v2 0.146,
-# loha 0.42, lokr 0.51, vera 0.43.
+# loha 0.42, lokr 0.51, vera 0.43, oft 0.87.
 STEPS = 15
 # Key/value heads of each tiny family, from its config in tiny_models.py (grouped or multi-query).
 KV_HEADS = {"llama": 2, "mistral": 2, "qwen2": 2, "gemma": 1, "falcon": 1, **dict.fromkeys(TODAY_FAMILIES, 2)}
@@ -163,6 +163,11 @@ def _vera_trainable(family: str, adapted) -> int:
     return sum(n_out + 16 for _, n_out in _targeted_shapes(adapted))
 
 
+def _oft_trainable(family: str, adapted) -> int:
+    """Blocks of size 8: in / 8 skew-symmetric blocks of 8 x 7 / 2 = 28 numbers per targeted linear layer."""
+    return sum(n_in // 8 * 28 for n_in, _ in _targeted_shapes(adapted))
+
+
 CASES: dict[str, MethodCase] = {
     "lora": MethodCase(config=_lora_config, starts_as_base=True, trainable=_lora_trainable, lr=1e-2, steps=STEPS,
                        loss_drop=0.6, mergeable=True, check_attached=_lora_targets),
@@ -188,6 +193,9 @@ CASES: dict[str, MethodCase] = {
     "vera": MethodCase(config=lambda family: ak.get_method("vera").config_class(r=16, target_modules="all-linear"),
                        starts_as_base=True, trainable=_vera_trainable, lr=5e-2, steps=STEPS, loss_drop=0.2,
                        mergeable=True),
+    "oft": MethodCase(config=lambda family: ak.get_method("oft").config_class(block_size=8, target_modules="all-linear"),
+                      starts_as_base=True, trainable=_oft_trainable, lr=1e-2, steps=STEPS, loss_drop=0.4,
+                      mergeable=True, refuses=_refuses_conv1d),
     "p-tuning-v2": _prompt(lambda family: ak.PTuningV2Config(num_virtual_tokens=K),  # prefixes trained directly
                            lambda family, adapted: K * LAYERS * 2 * kv_width(family), loss_drop=0.07),
 }

@@ -256,6 +256,8 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
      "lokr decompose_factor must be -1 or a positive integer"),
     ("vera-dropout-one", lambda w, d: train(w, d, "--method", "vera", "--vera-dropout", "1"),
      "vera dropout must be in [0, 1)"),
+    ("oft-block-size-not-dividing", lambda w, d: train(w, d, "--method", "oft", "--oft-block-size", "5"),
+     "oft block_size 5 does not divide the 32 input features of model.layers.0.self_attn.q_proj"),
     ("lora-dropout-nan", lambda w, d: train(w, d, "--lora-dropout", "nan"), "lora dropout must be a finite"),
     ("lora-bias-bad", lambda w, d: train(w, d, "--lora-bias", "some"), "lora bias must be one of"),
     ("rank-pattern-text", lambda w, d: train(w, d, "--rank-pattern", "q_proj"), "expected NAME=VALUE pairs"),

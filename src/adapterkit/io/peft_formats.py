@@ -10,6 +10,7 @@ rank_pattern/alpha_pattern keyed by the escaped full path, and read back as PEFT
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterkitError
 from ..methods.loha import LohaConfig
 from ..methods.lokr import LokrConfig
+from ..methods.oft import OftConfig
 from ..methods.vera import VeraConfig, projections
 
 PEFT_PREFIX = "base_model.model."
@@ -95,6 +97,18 @@ def _vera_check_projection(meta: dict, extra: dict[str, torch.Tensor], weights: 
     return {}
 
 
+def _oft_block_size(meta: dict, extra: dict[str, torch.Tensor], weights: dict) -> dict:
+    """OFT's block size from the saved blocks [in / b, b (b - 1) / 2] (PEFT derives it per layer when r is
+    given, and adjusts a size that does not divide): one size for all layers, or an error."""
+    if extra:
+        raise AdapterkitError(f"the PEFT OFT file holds {sorted(extra)[0]}, which adapterkit cannot read")
+    sizes = {round((1 + math.sqrt(1 + 8 * t.shape[-1])) / 2) for t in weights.values()}
+    if len(sizes) != 1:
+        raise AdapterkitError(f"the PEFT OFT adapter has blocks of sizes {sorted(sizes)} in different layers; "
+                              "adapterkit takes one block size per adapter: merge it with PEFT (merge_and_unload)")
+    return {"block_size": sizes.pop()}
+
+
 FORMATS: dict[str, PeftFormat] = {
     "loha": PeftFormat(
         "LOHA", LohaConfig, {k: k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
@@ -110,6 +124,13 @@ FORMATS: dict[str, PeftFormat] = {
         {"r": "r", "projection_prng_key": "projection_prng_key", "d_initial": "d_initial", "dropout": "vera_dropout"},
         fixed={"bias": "none"}, inert=frozenset({"save_projection"}), fan_in_fan_out=True,
         write_extra=_vera_projection, read_extra=_vera_check_projection),
+    "oft": PeftFormat(
+        "OFT", OftConfig, {"oft_R": "oft_R.weight"},
+        {"block_size": "oft_block_size", "use_cayley_neumann": "use_cayley_neumann",
+         "num_cayley_neumann_terms": "num_cayley_neumann_terms"},
+        fixed={"coft": False, "block_share": False, "bias": "none"},
+        inert=frozenset({"r", "eps", "fan_in_fan_out", "module_dropout"}),  # module_dropout: never applied by PEFT
+        read_extra=_oft_block_size),
 }
 BY_PEFT_TYPE = {f.peft_type: method for method, f in FORMATS.items()}
 
