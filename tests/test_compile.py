@@ -93,3 +93,30 @@ def test_generate_flag_compiles_the_adapted_model(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(ak.AdaptedModel, "compile", lambda self, **kw: called.append(self))
     assert main([*args, "--compile"]) == 0
     assert len(called) == 1 and capsys.readouterr().out == eager
+
+
+def test_train_flag_compiles_and_trains_the_same_adapter(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from adapterkit.cli import main
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}"}
+                                for a in range(4) for b in range(4)]))
+    args = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "--batch-size", "4", "--micro-batch-size",
+            "4", "--max-steps", "2", "--learning-rate", "1e-2", "--val-set-size", "0", "--lora-dropout", "0",
+            "--precision", "fp32", "--template", "bare"]
+    assert main([*args, "--output", str(tmp_path / "eager")]) == 0
+    backend = CountingBackend()
+    original = ak.AdaptedModel.compile
+    monkeypatch.setattr(ak.AdaptedModel, "compile", lambda self, **kw: original(self, backend=backend))
+    capsys.readouterr()
+    assert main([*args, "--output", str(tmp_path / "compiled"), "--compile"]) == 0
+    printed = capsys.readouterr()
+    assert backend.graphs >= 1 and "torch.compile: the first step took" in printed.out + printed.err
+    eager, compiled = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=0)

@@ -172,3 +172,14 @@ def test_merging_a_trained_copy_of_a_tied_head_is_refused():
     with pytest.raises(ak.AdapterkitError, match="tied embeddings"):
         adapted.merge()
     assert all(torch.equal(v, weights[k]) for k, v in adapted.base_model.state_dict().items())
+
+
+@torch.no_grad()
+def test_an_adapter_added_to_a_model_in_eval_mode_runs_in_eval_mode():
+    model = tiny_model("llama").eval()
+    adapted = ak.adapt(model, ak.LoraConfig(r=4, dropout=0.5))
+    for p in adapted.adapter_state_dict().values():
+        p.normal_(0, 0.3)
+    ids = tiny_batch()["input_ids"]
+    assert torch.equal(adapted(input_ids=ids).logits, adapted(input_ids=ids).logits)  # no dropout drawn
+    assert not any(m.training for m in adapted.modules() if m is not adapted)

@@ -77,7 +77,7 @@ class AdaptedModel(Merging, nn.Module):
             raise AdapterkitError(f"{config.method}: the config selects no module of this model")
         device = next(self.causal_lm.parameters()).device
         for path, part in parts.items():
-            part.to(device)
+            part.to(device).train(self.causal_lm.training)  # new modules start in training mode; follow the model
             if isinstance(part, InputHook):
                 self.input_hooks[name] = part
             elif isinstance(part, Effect):

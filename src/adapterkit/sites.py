@@ -311,5 +311,6 @@ def site_at(root: nn.Module, path: str, state: AdapterState) -> AdapterSite:
     if isinstance(module, AdapterSite):
         return module
     site = AdapterSite(module, state)
+    site.train(module.training)
     replace_module(root, path, site)
     return site

@@ -90,6 +90,8 @@ class TrainSettings:
     packing: bool = option(False, "several records per row of --cutoff-len tokens, kept apart (their own positions, "
                            "a block-diagonal mask): no compute spent on padding")
     gradient_checkpointing: bool = option(False, "recompute each layer in backward: less memory, slower steps")
+    compile: bool = option(False, "torch.compile the model; the first steps (one per new batch shape) compile, "
+                           "and the first step's time is printed")
     shard: str = option("none", "fsdp: shard the model over the launched processes (FSDP2: each decoder layer, then "
                         "the rest), zero3: DeepSpeed ZeRO-3 (see README), none: every process holds the whole model",
                         choices=SHARDS)
@@ -223,6 +225,8 @@ def _train(settings: TrainSettings, world: World) -> dict:
         batch_of = collate_packed
     if world.sharded:
         shard_model(adapted, precision)
+    if settings.compile:
+        adapted.compile()
     micro, per_step = settings.micro_batch_size, settings.batch_size // settings.micro_batch_size
     per_epoch = len(encoded) // micro
     if per_epoch < per_step:
@@ -269,6 +273,8 @@ def _train(settings: TrainSettings, world: World) -> dict:
     def after_step(step: int, loss: float, tokens: int) -> None:
         record.trained_steps = step
         elapsed = time.time() - started
+        if settings.compile and step == start + 1 and world.main:
+            tqdm.write(f"torch.compile: the first step took {elapsed:.1f} s, compiling included")
         metrics.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                         "seconds": round(elapsed, 3)})
         reporter.log({"train/loss": loss, "train/lr": metrics[-1]["lr"]}, step)
