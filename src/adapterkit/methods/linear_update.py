@@ -92,16 +92,20 @@ def write_checked(target: torch.Tensor, value: torch.Tensor) -> None:
 
 class WeightUpdateEffect(Effect):
     """y + x dW^T for an update dW [out, in] that `delta_weight` builds from the adapter's tensors; merged
-    as W + dW (W^T + dW^T for a Conv1D weight). Subclasses set `transposed` and implement delta_weight."""
+    as W + dW (W^T + dW^T for a Conv1D weight). Subclasses set `transposed` and implement delta_weight;
+    `module_dropout` skips the whole update for a training step with that probability (LyCORIS's)."""
 
     acts_on_output = True
     mergeable = True
     transposed = False
+    module_dropout = 0.0
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
     def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.training and self.module_dropout > 0 and not torch.rand(1).item() > self.module_dropout:
+            return y
         delta = self.delta_weight()
         return y + F.linear(cast_for_adapter(x, delta), delta).to(y.dtype)
 

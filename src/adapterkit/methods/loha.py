@@ -85,11 +85,6 @@ class LohaEffect(WeightUpdateEffect):
             weight = drop_rows(weight, self.rank_dropout, rescale=True)
         return weight
 
-    def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.training and self.module_dropout > 0 and not torch.rand(1).item() > self.module_dropout:
-            return y
-        return super().on_output(x, y)
-
 
 def attach_loha(adapted, config: LohaConfig) -> dict[str, nn.Module]:
     parts: dict[str, nn.Module] = {}

@@ -119,11 +119,6 @@ class LokrEffect(WeightUpdateEffect):
             weight = drop_rows(weight, self.rank_dropout, rescale=self.rescale)
         return weight
 
-    def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.training and self.module_dropout > 0 and not torch.rand(1).item() > self.module_dropout:
-            return y
-        return super().on_output(x, y)
-
 
 def attach_lokr(adapted, config: LokrConfig) -> dict[str, nn.Module]:
     parts: dict[str, nn.Module] = {}
