@@ -55,9 +55,12 @@ class Effect(nn.Module):
         """What gather_tensors reads: a stack is reused (without autograd) while none of them changes."""
         return list(self.parameters())
 
-    def on_output_gathered(self, stacked: tuple[torch.Tensor, ...], slots: torch.Tensor, x: torch.Tensor,
-                           y: torch.Tensor) -> torch.Tensor:
-        """on_output for the whole batch; row i uses slot slots[i] of each stacked tensor."""
+    def gather_rows(self, stacked: tuple[torch.Tensor, ...], slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each row's own tensors (row i: slot slots[i]), batch first; reused while the rows' adapters stay."""
+        return tuple(t[slots] for t in stacked)
+
+    def on_output_gathered(self, rows: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """on_output for the whole batch, each row with its own tensors from gather_rows."""
         raise NotImplementedError
 
 
@@ -175,7 +178,7 @@ class AdapterSite(nn.Module):
         self.effects = nn.ModuleDict()
         self.merged: list[str] = []
         self.checkpointed = False  # recompute this module in backward (gradient checkpointing)
-        self._stacks: dict = {}    # gather key -> (stamp of the sources, stacked tensors)
+        self._stacks: dict = {}    # gather key -> (stamp of the sources, stack, rows' key, rows' tensors)
         self._groups: tuple | None = None  # (signature, gather groups), see _gather_groups
         object.__setattr__(self, "_state", state)  # shared, so never registered as a child
 
@@ -237,8 +240,7 @@ class AdapterSite(nn.Module):
         gathered = set()
         for key, (names, members, sources) in self._gather_groups().items():
             if any(id(effect) in running for effect in members):
-                slots = self._state.slots_of(names, x.device)
-                y = members[0].on_output_gathered(self._stack(key, names, members, sources), slots, x, y)
+                y = members[0].on_output_gathered(self._gathered_rows(key, names, members, sources, x.device), x, y)
                 gathered.update(id(effect) for effect in members)
         return y, [(effect, rows) for effect, rows in effects if id(effect) not in gathered]
 
@@ -257,18 +259,27 @@ class AdapterSite(nn.Module):
                                         for key, pairs in groups.items()})
         return self._groups[1]
 
-    def _stack(self, key: tuple, names: tuple, members: list, sources: list) -> tuple[torch.Tensor, ...]:
+    def _gathered_rows(self, key: tuple, names: tuple, members: list, sources: list,
+                       device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Each row's tensors for the group: without autograd, the stack is reused while the weights stay
+        the same, and the rows' tensors while the rows' adapters stay too (every step of a generate)."""
         reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
         stamp = (names, tuple((t.data_ptr(), t._version) for t in sources))
+        rows_key = (stamp, tuple(self._state.row_adapters))
         cached = self._stacks.get(key)
         if reuse and cached is not None and cached[0] == stamp:
-            return cached[1]
-        per_adapter = [effect.gather_tensors() for effect in members]
-        identity = members[0].gather_identity(per_adapter[0])
-        stacked = tuple(torch.stack([*column, empty]) for *column, empty in zip(*per_adapter, identity, strict=True))
+            if cached[2] == rows_key:
+                return cached[3]
+            stacked = cached[1]
+        else:
+            per_adapter = [effect.gather_tensors() for effect in members]
+            identity = members[0].gather_identity(per_adapter[0])
+            stacked = tuple(torch.stack([*column, empty]) for *column, empty in zip(*per_adapter, identity,
+                                                                                      strict=True))
+        rows = members[0].gather_rows(stacked, self._state.slots_of(names, device))
         if reuse:
-            self._stacks[key] = (stamp, stacked)
-        return stacked
+            self._stacks[key] = (stamp, stacked, rows_key, rows)
+        return rows
 
 
 def _on_rows(x: torch.Tensor, rows: torch.Tensor | None, fn) -> torch.Tensor:

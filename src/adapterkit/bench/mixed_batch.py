@@ -75,14 +75,13 @@ def main() -> None:
         raise SystemExit("the mixed batch generated other tokens than each adapter alone; the figures would be meaningless")
     if not torch.equal(outputs["adapterkit"], outputs["peft"]):
         raise SystemExit("the two libraries generated different tokens; the comparison would be meaningless")
-    speed = {}
-    for name, run in runs.items():
-        times = []
-        for _ in range(args.repeats):
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):  # round robin, so a change in the machine's load hits every run alike
+        for name, run in runs.items():
             start = time.perf_counter()
             run()
-            times.append(time.perf_counter() - start)
-        speed[name] = len(NAMES) * 32 / statistics.median(times)
+            times[name].append(time.perf_counter() - start)
+    speed = {name: len(NAMES) * 32 / statistics.median(seconds) for name, seconds in times.items()}
     table = ("## Mixed-batch generation, 8 LoRA adapters\n\n"
              f"Command: `python -m adapterkit.bench.mixed_batch --repeats {args.repeats}`  \n"
              f"Date: {datetime.date.today().isoformat()}  \nMachine: {machine()}\n\n"

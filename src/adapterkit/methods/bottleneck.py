@@ -176,12 +176,17 @@ class Bottleneck(Effect):
         return (self.adapter_down.weight, self.adapter_down.bias, self.adapter_up.weight, self.adapter_up.bias,
                 self.adapter_scale)
 
-    def gathered_adapter(self, stacked, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Per row, its own adapter on x, as (rows, tokens, features out)."""
+    def gather_rows(self, stacked, slots):
         down, down_bias, up, up_bias, scale = stacked
-        h = cast_for_adapter(x, down).reshape(slots.shape[0], -1, down.shape[-1])
-        h = self.drop(self.act(torch.baddbmm(down_bias[slots].unsqueeze(1), h, down[slots].transpose(1, 2))))
-        return torch.baddbmm(up_bias[slots].unsqueeze(1), h, up[slots].transpose(1, 2)) * scale[slots].view(-1, 1, 1)
+        return (down[slots].transpose(1, 2), down_bias[slots].unsqueeze(1), up[slots].transpose(1, 2),
+                up_bias[slots].unsqueeze(1), scale[slots].view(-1, 1, 1))
+
+    def gathered_adapter(self, rows, x: torch.Tensor) -> torch.Tensor:
+        """Per row, its own adapter on x, as (rows, tokens, features out)."""
+        down_t, down_bias, up_t, up_bias, scale = rows
+        h = cast_for_adapter(x, down_t).reshape(down_t.shape[0], -1, down_t.shape[1])
+        h = self.drop(self.act(torch.baddbmm(down_bias, h, down_t)))
+        return torch.baddbmm(up_bias, h, up_t) * scale
 
 
 class SeriesAdapter(Bottleneck):
@@ -192,8 +197,8 @@ class SeriesAdapter(Bottleneck):
     def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y + self.adapter(y).to(y.dtype)
 
-    def on_output_gathered(self, stacked, slots, x, y):
-        return y + self.gathered_adapter(stacked, slots, y).reshape(y.shape).to(y.dtype)
+    def on_output_gathered(self, rows, x, y):
+        return y + self.gathered_adapter(rows, y).reshape(y.shape).to(y.dtype)
 
 
 class InputAdapter(Bottleneck):
@@ -223,8 +228,8 @@ class ParallelAdapter(Bottleneck):
         source = x if self.source is None else self.source.take()
         return y + self.adapter(source).to(y.dtype)
 
-    def on_output_gathered(self, stacked, slots, x, y):
-        return y + self.gathered_adapter(stacked, slots, x).reshape(y.shape).to(y.dtype)
+    def on_output_gathered(self, rows, x, y):
+        return y + self.gathered_adapter(rows, x).reshape(y.shape).to(y.dtype)
 
 
 class InputCapture(Effect):

@@ -52,19 +52,22 @@ class LoraEffect(Effect):
                 getattr(self.dropout, "p", 0.0), self.lora_bias is not None)
 
     def gather_tensors(self) -> tuple[torch.Tensor, ...]:
-        scaling = torch.tensor(self.scaling, dtype=self.lora_A.dtype, device=self.lora_A.device)
-        return self.lora_A, self.lora_B, scaling, *([] if self.lora_bias is None else [self.lora_bias])
+        return self.lora_A, self.lora_B * self.scaling, *([] if self.lora_bias is None else [self.lora_bias])
 
-    def on_output_gathered(self, stacked, slots, x, y):
-        lora, bias = self._gathered_update(stacked, slots, x)
+    def gather_rows(self, stacked, slots):
+        """A^T [rows, in, r], (s B)^T [rows, r, out] and the bias [rows, 1, out] of each row's adapter."""
+        lora_A, scaled_B, *bias = stacked
+        return lora_A[slots].transpose(1, 2), scaled_B[slots].transpose(1, 2), *(b[slots].unsqueeze(1) for b in bias)
+
+    def on_output_gathered(self, rows, x, y):
+        lora, bias = self._gathered_update(rows, x)
         return y + (lora if bias is None else lora + bias).reshape(y.shape).to(y.dtype)
 
-    def _gathered_update(self, stacked, slots, x) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _gathered_update(self, rows, x) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per row, its own scaling * B A dropout(x), as (rows, tokens, out); and its bias delta."""
-        lora_A, lora_B, scaling, *bias = stacked
-        h = cast_for_adapter(self.dropout(x), lora_A).reshape(slots.shape[0], -1, lora_A.shape[-1])
-        update = torch.bmm(torch.bmm(h, lora_A[slots].transpose(1, 2)), lora_B[slots].transpose(1, 2))
-        return update * scaling[slots].view(-1, 1, 1), bias[0][slots].unsqueeze(1) if bias else None
+        lora_At, scaled_Bt, *bias = rows
+        h = cast_for_adapter(self.dropout(x), lora_At).reshape(lora_At.shape[0], -1, lora_At.shape[1])
+        return torch.bmm(torch.bmm(h, lora_At), scaled_Bt), bias[0] if bias else None
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, shaped like the base weight."""
@@ -122,9 +125,11 @@ class DoraEffect(LoraEffect):
         return super().gather_key()
 
     def gather_tensors(self) -> tuple[torch.Tensor, ...]:
-        lora_A, lora_B, scaling, *bias = super().gather_tensors()
         scale = self.magnitude / self._weight_norm(self._weight(self.magnitude.dtype)).detach()
-        return lora_A, lora_B, scaling, *bias, scale
+        return *super().gather_tensors(), scale
+
+    def gather_rows(self, stacked, slots):
+        return *super().gather_rows(stacked[:-1], slots), stacked[-1][slots].unsqueeze(1)
 
     def gather_identity(self, tensors):
         return (*super().gather_identity(tensors[:-1]), torch.ones_like(tensors[-1]))
@@ -132,11 +137,11 @@ class DoraEffect(LoraEffect):
     def gather_sources(self) -> list[torch.Tensor]:
         return [*self.parameters(), self._base[0].weight]
 
-    def on_output_gathered(self, stacked, slots, x, y):
-        lora, bias = self._gathered_update(stacked[:-1], slots, x)
+    def on_output_gathered(self, rows, x, y):
+        lora, bias = self._gathered_update(rows[:-1], x)
         base_bias = self._base[0].bias
         base = (y if base_bias is None else y - base_bias).to(lora.dtype).reshape(lora.shape)
-        scale = stacked[-1][slots].unsqueeze(1).to(lora.dtype)
+        scale = rows[-1].to(lora.dtype)
         delta = (scale - 1) * base + scale * lora
         return y + (delta if bias is None else delta + bias).reshape(y.shape).to(y.dtype)
 
