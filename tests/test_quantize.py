@@ -95,6 +95,25 @@ def test_every_method_trains_on_an_nf4_base_and_loads_on_the_full_one(method, ti
     assert on_full < losses[0]  # what it learnt carries over to the full-precision base
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_the_quantizing_load_equals_transformers_own(quantize, tiny_llama_dir):
+    """load_model reads the checkpoint with pread (no file pages resident); the model is from_pretrained's."""
+    import transformers as T
+
+    from adapterkit.quantization import quantization_config
+
+    ours, _ = load_model(str(tiny_llama_dir), "fp32", quantize)
+    theirs = T.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, device_map="cpu",
+                                                    quantization_config=quantization_config(quantize, torch.float32))
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ours.config.to_dict() == theirs.config.to_dict()
+    assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+    x = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(ours(x).logits, theirs(x).logits)
+
+
 def test_int8_base_trains_lora(tiny_llama_dir):
     model, _ = load_model(str(tiny_llama_dir), "fp32", "int8")
     adapted = ak.adapt(model, ak.LoraConfig(r=4, alpha=8, target_modules="all-linear"))

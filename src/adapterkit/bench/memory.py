@@ -120,6 +120,7 @@ def run_one(spec: dict) -> dict:
     precision, quantize = BASES[spec["base"]]
     model, tokenizer = ak.load_model(spec["model"], precision, quantize)
     loaded = _rss_now()
+    tune_allocator()  # again: a quantized load leaves glibc's usual thresholds (PEFT's steps are not fit's)
     torch.manual_seed(0)
     micro = spec["micro_batch_size"]
     data = batches(tokenizer, spec["steps"], spec["batch"], spec["seq"])

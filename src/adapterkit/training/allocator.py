@@ -18,9 +18,10 @@ _done = False
 
 
 def tune_allocator() -> bool:
-    """Apply once per process on Linux/glibc; returns whether the settings are in force."""
+    """Apply on Linux/glibc (again at each call: loading a quantized model sets its own thresholds, see
+    models.py); returns whether the settings are in force."""
     global _done
-    if _done or os.environ.get("ADAPTERKIT_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get("ADAPTERKIT_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return _done
     try:
         libc = ctypes.CDLL("libc.so.6")
