@@ -22,6 +22,10 @@ CONFIGS = {
     "prefix-tuning": ak.PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16),
     "p-tuning-v2": ak.PTuningV2Config(num_virtual_tokens=4, prefix_init="random"),
     "ia3": ak.get_method("ia3").config_class(),
+    "loha": ak.get_method("loha").config_class(r=4, alpha=8),
+    "lokr": ak.get_method("lokr").config_class(r=4, alpha=8),
+    "vera": ak.get_method("vera").config_class(r=16),
+    "oft": ak.get_method("oft").config_class(),
 }
 LR = {"ia3": 5e-2, "prompt-tuning": 5e-2, "p-tuning": 1e-2, "prefix-tuning": 1e-2, "p-tuning-v2": 5e-2}
 
