@@ -27,11 +27,13 @@ def layout(tmp_path):
 
 
 def _argv(model, train, data_dir, out, *extra):
-    return ["study", "--model", str(model), "--train-data", str(train), "--data-dir", str(data_dir),
-            "--tasks", "gsm8k", "--methods", "lora,prompt-tuning", "--lrs", "1e-3,3e-2", "--budget", "steps=3",
-            "--pilot-steps", "2", "--seeds", "1", "--batch-size", "4", "--micro-batch-size", "2",
-            "--cutoff-len", "64", "--val-set-size", "8", "--template", "bare", "--eval-limit", "6",
-            "--max-new-tokens", "4", "--precision", "fp32", "--output", str(out), *extra]
+    """The study's flags; a flag in `extra` replaces the default one (list flags add up when repeated)."""
+    defaults = {"--model": str(model), "--train-data": str(train), "--data-dir": str(data_dir), "--tasks": "gsm8k",
+                "--methods": "lora,prompt-tuning", "--lrs": "1e-3,3e-2", "--budget": "steps=3", "--pilot-steps": "2",
+                "--seeds": "1", "--batch-size": "4", "--micro-batch-size": "2", "--cutoff-len": "64",
+                "--val-set-size": "8", "--template": "bare", "--eval-limit": "6", "--max-new-tokens": "4",
+                "--precision": "fp32", "--output": str(out)}
+    return ["study", *(x for flag, value in defaults.items() if flag not in extra for x in (flag, value)), *extra]
 
 
 def test_study_end_to_end_and_resume(tiny_llama_dir, layout, tmp_path, monkeypatch, capsys):
