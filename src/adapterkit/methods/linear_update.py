@@ -1,4 +1,4 @@
-"""What the methods that change a linear layer's weight share (LoHa, LoKr, VeRA, OFT): choosing the
+"""What the methods that change a linear layer's weight share (LoRA, LoHa, LoKr, VeRA, OFT): choosing the
 linear layers (LoRA's rules), per-module rank and alpha patterns, refusing a layer kind PEFT's method
 does not take, and an effect that adds a weight update W + dW computed from the adapter's tensors,
 merged into W exactly (fp32, finite, the quantized base refused).
@@ -15,7 +15,7 @@ from torch import nn
 from ..architectures import TARGET_GROUPS, is_linear, linear_shape
 from ..errors import AdapterkitError
 from ..quantization import is_quantized
-from ..sites import Effect, cast_for_adapter, logical_modules
+from ..sites import Effect, base_module, cast_for_adapter, logical_modules
 from ..targets import match_modules
 
 
@@ -36,6 +36,17 @@ def linear_targets(adapted, target_modules, layers: list[int] | None) -> list[st
         layer_paths = tuple(layout.layer_path(i) + "." for i in indices)
         paths = [p for p in paths if p.startswith(layer_paths)]
     return paths
+
+
+def target_bases(adapted, config, what: str | None = None) -> dict[str, nn.Module]:
+    """{path: base module} of the linear layers `config` targets; with `what` (PEFT's name of the method),
+    a Conv1D layer is refused as that method of PEFT's refuses it."""
+    bases = {path: base_module(adapted.causal_lm, path)
+             for path in linear_targets(adapted, config.target_modules, config.layers)}
+    if what is not None:
+        for path, base in bases.items():
+            refuse_transposed(config.method, path, base, what)
+    return bases
 
 
 def check_targets(method: str, target_modules) -> None:
@@ -90,6 +101,11 @@ def write_checked(target: torch.Tensor, value: torch.Tensor) -> None:
     target.data.copy_(value.to(target.device, target.dtype))
 
 
+def add_checked(target: torch.Tensor, delta: torch.Tensor) -> None:
+    """target += delta computed in fp32, checked as write_checked."""
+    write_checked(target, target.detach().float() + delta.to(target.device))
+
+
 class WeightUpdateEffect(Effect):
     """y + x dW^T for an update dW [out, in] that `delta_weight` builds from the adapter's tensors; merged
     as W + dW (W^T + dW^T for a Conv1D weight). Subclasses set `transposed` and implement delta_weight;
@@ -119,4 +135,4 @@ class WeightUpdateEffect(Effect):
         finally:
             self.train(was_training)
         weight = base_layer.weight
-        write_checked(weight, weight.detach().float() + (delta.T if self.transposed else delta).to(weight.device))
+        add_checked(weight, delta.T if self.transposed else delta)

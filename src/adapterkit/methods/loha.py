@@ -21,15 +21,13 @@ from ..architectures import linear_shape
 from ..config import AdapterConfig
 from ..errors import AdapterkitError
 from ..settings import option
-from ..sites import base_module
 from .linear_update import (
     WeightUpdateEffect,
     check_patterns,
     check_targets,
     drop_rows,
-    linear_targets,
     pattern_value,
-    refuse_transposed,
+    target_bases,
 )
 from .registry import Method, register_method
 
@@ -87,12 +85,8 @@ class LohaEffect(WeightUpdateEffect):
 
 
 def attach_loha(adapted, config: LohaConfig) -> dict[str, nn.Module]:
-    parts: dict[str, nn.Module] = {}
-    for path in linear_targets(adapted, config.target_modules, config.layers):
-        base = base_module(adapted.causal_lm, path)
-        refuse_transposed(config.method, path, base, "LoHa")
-        parts[path] = LohaEffect(base, *config.rank_and_alpha(path), config)
-    return parts
+    return {path: LohaEffect(base, *config.rank_and_alpha(path), config)
+            for path, base in target_bases(adapted, config, "LoHa").items()}
 
 
 class Loha(Method):

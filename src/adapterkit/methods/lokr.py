@@ -23,15 +23,13 @@ from ..architectures import linear_shape
 from ..config import AdapterConfig
 from ..errors import AdapterkitError
 from ..settings import option
-from ..sites import base_module
 from .linear_update import (
     WeightUpdateEffect,
     check_patterns,
     check_targets,
     drop_rows,
-    linear_targets,
     pattern_value,
-    refuse_transposed,
+    target_bases,
 )
 from .registry import Method, register_method
 
@@ -121,12 +119,8 @@ class LokrEffect(WeightUpdateEffect):
 
 
 def attach_lokr(adapted, config: LokrConfig) -> dict[str, nn.Module]:
-    parts: dict[str, nn.Module] = {}
-    for path in linear_targets(adapted, config.target_modules, config.layers):
-        base = base_module(adapted.causal_lm, path)
-        refuse_transposed(config.method, path, base, "LoKr")
-        parts[path] = LokrEffect(base, *config.rank_and_alpha(path), config)
-    return parts
+    return {path: LokrEffect(base, *config.rank_and_alpha(path), config)
+            for path, base in target_bases(adapted, config, "LoKr").items()}
 
 
 class Lokr(Method):

@@ -16,12 +16,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..architectures import TARGET_GROUPS, is_linear
 from ..config import AdapterConfig
 from ..errors import AdapterkitError, warn
 from ..settings import option
 from ..sites import base_module, logical_modules
 from ..targets import match_modules
+from .linear_update import linear_targets
 from .lora_effects import BiasDelta, DoraEffect, LoraEffect, TrainedCopy
 from .lora_experts import ExpertLoraEffect, expert_parameters
 from .registry import Method, register_method
@@ -104,17 +104,7 @@ def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
     layout = adapted.layout
     layer_paths = [layout.layer_path(i) for i in layout.layer_indices(config.layers)]
     model = adapted.causal_lm
-    groups = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules or []
-    if config.target_modules is None:
-        paths = [path for i in layout.layer_indices(config.layers) for path in layout.query_sites(i)]
-    elif groups and all(g in TARGET_GROUPS for g in groups):  # "attn", "mlp": roles from the table
-        paths = [path for i in layout.layer_indices(config.layers) for g in groups for path in layout.group_sites(i, g)]
-    else:
-        head = getattr(model, "get_output_embeddings", lambda: None)()
-        head_paths = tuple(p for p, m in logical_modules(model) if m is head)
-        paths = match_modules(model, config.target_modules, is_linear, "linear", exclude=head_paths)
-        if config.layers is not None:
-            paths = [p for p in paths if any(p.startswith(lp + ".") for lp in layer_paths)]
+    paths = linear_targets(adapted, config.target_modules, config.layers)
     parts: dict[str, nn.Module] = {}
     effect = DoraEffect if config.use_dora else LoraEffect
     for path in paths:

@@ -19,6 +19,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterkitError
 from ..quantization import is_quantized
 from ..sites import Dropout, Effect, cast_for_adapter
+from .linear_update import add_checked, refuse_quantized, write_checked
 
 
 class LoraEffect(Effect):
@@ -76,10 +77,10 @@ class LoraEffect(Effect):
 
     @torch.no_grad()
     def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
-        _refuse_quantized(base_layer)
-        _add_checked(base_layer.weight, sign * self.delta_weight())
+        refuse_quantized(base_layer)
+        add_checked(base_layer.weight, sign * self.delta_weight())
         if self.lora_bias is not None:
-            _add_checked(base_layer.bias, sign * self.lora_bias.float())
+            add_checked(base_layer.bias, sign * self.lora_bias.float())
 
 
 class DoraEffect(LoraEffect):
@@ -155,12 +156,9 @@ class DoraEffect(LoraEffect):
         else:
             original = weight / (self.magnitude.float() / self._merged_norm).unsqueeze(1)
             merged = original - self.delta_weight_out()
-        new = merged.T if self.transposed else merged
-        if not torch.isfinite(new).all():
-            raise AdapterkitError("merge would produce non-finite weights; the adapter holds inf/NaN values")
-        base_layer.weight.data.copy_(new.to(base_layer.weight.dtype))
+        write_checked(base_layer.weight, merged.T if self.transposed else merged)
         if self.lora_bias is not None:
-            _add_checked(base_layer.bias, sign * self.lora_bias.float())
+            add_checked(base_layer.bias, sign * self.lora_bias.float())
 
     def delta_weight_out(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
@@ -181,7 +179,7 @@ class BiasDelta(Effect):
 
     @torch.no_grad()
     def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
-        _add_checked(base_layer.bias, sign * self.bias.float())
+        add_checked(base_layer.bias, sign * self.bias.float())
 
 
 class TrainedCopy(Effect):
@@ -213,17 +211,3 @@ class TrainedCopy(Effect):
             for p, saved in zip(base_params.values(), self._stash, strict=True):
                 p.copy_(saved)
             self._stash = []
-
-
-def _refuse_quantized(base_layer: nn.Module) -> None:
-    if is_quantized(base_layer.weight):
-        raise AdapterkitError("the base layer is stored quantized, so the update cannot be added to it exactly; "
-                              "merge into the full-precision base (`adapterkit merge` loads it unquantized)")
-
-
-def _add_checked(target: torch.Tensor, delta: torch.Tensor) -> None:
-    """target += delta computed in fp32; refuses a non-finite result and leaves target untouched."""
-    result = target.detach().float() + delta.to(target.device)
-    if not torch.isfinite(result).all():
-        raise AdapterkitError("merge would produce non-finite weights; the adapter holds inf/NaN values")
-    target.data.copy_(result.to(target.dtype))

@@ -24,8 +24,13 @@ from ..architectures import linear_shape
 from ..config import AdapterConfig
 from ..errors import AdapterkitError
 from ..settings import option
-from ..sites import Effect, base_module, cast_for_adapter
-from .linear_update import check_targets, linear_targets, refuse_quantized, refuse_transposed, write_checked
+from ..sites import Effect, cast_for_adapter
+from .linear_update import (
+    check_targets,
+    refuse_quantized,
+    target_bases,
+    write_checked,
+)
 from .registry import Method, register_method
 
 
@@ -112,10 +117,7 @@ class OftEffect(Effect):
 
 
 def attach_oft(adapted, config: OftConfig) -> dict[str, nn.Module]:
-    paths = linear_targets(adapted, config.target_modules, config.layers)
-    bases = {path: base_module(adapted.causal_lm, path) for path in paths}
-    for path, base in bases.items():
-        refuse_transposed(config.method, path, base, "OFT")
+    bases = target_bases(adapted, config, "OFT")
     sizes = {path: linear_shape(base)[0] for path, base in bases.items()}
     unfit = [path for path, n in sizes.items() if n % config.block_size]
     if unfit:

@@ -24,8 +24,8 @@ from ..architectures import linear_shape
 from ..config import AdapterConfig
 from ..errors import AdapterkitError
 from ..settings import option
-from ..sites import Dropout, base_module, cast_for_adapter
-from .linear_update import WeightUpdateEffect, check_targets, linear_targets
+from ..sites import Dropout, cast_for_adapter
+from .linear_update import WeightUpdateEffect, check_targets, target_bases
 from .registry import Method, register_method
 
 
@@ -103,8 +103,7 @@ class VeraEffect(WeightUpdateEffect):
 
 
 def attach_vera(adapted, config: VeraConfig) -> dict[str, nn.Module]:
-    paths = linear_targets(adapted, config.target_modules, config.layers)
-    bases = {path: base_module(adapted.causal_lm, path) for path in paths}
+    bases = target_bases(adapted, config)
     shapes = [linear_shape(base) for base in bases.values()]
     if not shapes:
         return {}
