@@ -65,6 +65,18 @@ def assert_same_training(peft_model, adapted, steps: int = 3, lr: float = 1e-2, 
         assert (logits(peft_model, batch) - logits(adapted, batch)).abs().max() <= tolerance
 
 
+def assert_matches_peft(peft_model, adapted, family: str = "llama") -> None:
+    """Both holding the same weights: they change the base model's logits, ours equal PEFT's (1e-5) and
+    still do after a few Adam steps; merged equals unmerged, and PEFT's merge_and_unload equals ours."""
+    batch = tiny_batch()
+    assert (logits(peft_model, batch) - logits(tiny_model(family), batch)).abs().max() > 1e-2
+    assert (logits(adapted, batch) - logits(peft_model, batch)).abs().max() <= 1e-5
+    assert_same_training(peft_model, adapted)
+    assert_merges_like_unmerged(adapted)
+    merged = peft_model.merge_and_unload()
+    assert (logits(merged, batch) - logits(adapted, batch)).abs().max() <= 1e-4
+
+
 def assert_merges_like_unmerged(adapted, tolerance: float = 1e-4) -> None:
     batch = tiny_batch()
     unmerged = logits(adapted, batch)
