@@ -9,6 +9,7 @@ import pytest
 
 import adapterkit.recipes.study as study_module
 from adapterkit.cli import main
+from adapterkit.errors import AdapterkitError
 from adapterkit.recipes.study_report import mcnemar_p
 
 RECORDS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"The answer is {a + b}.", "answer": str(a + b)}
@@ -39,17 +40,30 @@ def _argv(model, train, data_dir, out, *extra):
 def test_study_end_to_end_and_resume(tiny_llama_dir, layout, tmp_path, monkeypatch, capsys):
     train, data_dir = layout
     out = tmp_path / "study"
+    real_train = study_module._train
+
+    def failing_pilot(settings, method, lr, *rest):  # as a rate that leaves the model unchanged does
+        if method == "prompt-tuning" and lr == 1e-3:
+            raise AdapterkitError("adapter 'default' gives exactly the base model's logits")
+        return real_train(settings, method, lr, *rest)
+
+    monkeypatch.setattr(study_module, "_train", failing_pilot)
     assert main(_argv(tiny_llama_dir, train, data_dir, out)) == 0
+    monkeypatch.undo()
     board = json.loads((out / "leaderboard.json").read_text())
     rows = {r["method"]: r for r in board["rows"]}
     assert sorted(rows) == ["base", "lora", "prompt-tuning"]
     for method, info in board["runs"].items():
         sweep = {float(k): v for k, v in info["sweep"].items()}
-        assert len(sweep) == 2 and float(info["lr"]) == min(sweep, key=sweep.get), method
+        tried = {lr: loss for lr, loss in sweep.items() if loss is not None}
+        assert len(sweep) == 2 and float(info["lr"]) == min(tried, key=tried.get), method
         pilots = {float(p.name.removeprefix("pilot-lr")): json.loads((p / "run.json").read_text())["best_val_loss"]
-                  for p in (out / "runs" / method).glob("pilot-lr*")}
-        assert pilots == sweep  # the recorded sweep is what the pilots measured
+                  for p in (out / "runs" / method).glob("pilot-lr*") if (p / "run.json").is_file()}
+        assert pilots == tried  # the recorded sweep is what the pilots measured
         assert rows[method]["trainable"] > 0 and "gsm8k beats base" in rows[method]
+    prompt_sweep = board["runs"]["prompt-tuning"]["sweep"]
+    assert prompt_sweep["0.001"] is None and prompt_sweep["0.03"] > 0  # the failed rate is recorded, not chosen
+    assert board["runs"]["prompt-tuning"]["lr"] == 0.03
     assert "| base |" in (out / "leaderboard.md").read_text()
     assert (out / "leaderboard.csv").read_text().splitlines()[0].startswith("method,")
     for name in ("accuracy_vs_parameters", "loss_curves", "lr_sweep", "accuracy_per_task"):
@@ -61,7 +75,7 @@ def test_study_end_to_end_and_resume(tiny_llama_dir, layout, tmp_path, monkeypat
     monkeypatch.setattr(study_module.subprocess, "run", lambda *a, **k: calls.append(a) or real(*a, **k))
     shutil.rmtree(next((out / "runs" / "lora").glob("lr*-seed1")))  # as if killed before that run finished
     assert main(_argv(tiny_llama_dir, train, data_dir, out, "--resume")) == 0
-    assert len(calls) == 1  # only the missing run trains again
+    assert len(calls) == 1  # only the missing run trains again; the failed pilot is not retried
 
 
 def test_mcnemar_exact():

@@ -102,6 +102,7 @@ class IA3(Method):
     name = "ia3"
     config_class = IA3Config
     family = "scaling"
+    study_lrs = (3e-3, 1e-2, 3e-2)  # scaling vectors start at 1: small rates leave them there
     summary = "(IA)3: learned vectors rescaling keys, values and the MLP's inner activations (fewest parameters)"
     mergeable = True
 

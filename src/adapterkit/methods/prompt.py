@@ -360,6 +360,7 @@ def prompt_generate(adapted, part: PromptPart, kwargs: dict[str, Any]):
 
 class PromptMethod(Method):
     family = "prompt"
+    study_lrs = (1e-2, 3e-2, 1e-1)  # soft prompts want rates 100x LoRA's (LLM-Adapters used 3e-2 for prefix)
 
     def attach(self, adapted, config: PromptConfig) -> dict[str, nn.Module]:
         return attach_prompt(adapted, config)

@@ -23,6 +23,8 @@ class Method:
     family: ClassVar[str]        # low-rank, adapter, prompt, ...
     summary: ClassVar[str]
     mergeable: ClassVar[bool] = False
+    # The learning rates `study --lrs auto` pilots: around the rate the method usually trains at.
+    study_lrs: ClassVar[tuple[float, ...]] = (1e-4, 3e-4, 1e-3)
 
     def __init__(self, config_class: type[AdapterConfig] | None = None, summary: str | None = None):
         """One class may serve several presets: each registered with its own config class and summary."""

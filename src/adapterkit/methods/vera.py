@@ -116,6 +116,7 @@ class Vera(Method):
     name = "vera"
     config_class = VeraConfig
     family = "low-rank"
+    study_lrs = (1e-3, 3e-3, 1e-2)  # only the scaling vectors train; VeRA's paper uses rates ~10x LoRA's
     summary = "VeRA: shared frozen random projections scaled by two trained vectors per layer (fewest low-rank weights)"
     mergeable = True
 

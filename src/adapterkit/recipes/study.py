@@ -3,9 +3,11 @@ on a validation split picks the rate, then every seed trains to the same budget 
 template; the base model and every adapter are evaluated on every task with the contamination check;
 study_report.py writes the leaderboard and plots. Finished runs and evaluations are skipped on --resume.
 
-Learning-rate rule (`--lrs auto`): three rates around the method family's usual one (low-rank and
-bottleneck adapters 1e-4, 3e-4, 1e-3; prompt methods 1e-2, 3e-2, 1e-1), `--pilot-steps` steps each on
-the first seed; the rate with the lowest validation loss trains the full budget.
+Learning-rate rule (`--lrs auto`): the three rates each method declares as `study_lrs`, around the rate
+it usually trains at (LoRA and bottleneck adapters 1e-4, 3e-4, 1e-3; prompt methods 1e-2, 3e-2, 1e-1;
+(IA)3 and VeRA higher), `--pilot-steps` steps each on the first seed; the rate with the lowest validation
+loss trains the full budget. A pilot that fails (diverges, or leaves the model unchanged) counts as the
+worst rate and is recorded as such; the study stops only when every pilot of a method fails.
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ from .demo import TRAIN_FILE, clean_math_slice
 from .evaluate import EvalSettings, run_eval
 from .study_report import write_report
 
-AUTO_LRS = {"prompt": (1e-2, 3e-2, 1e-1)}  # every other family: DEFAULT_LRS
-DEFAULT_LRS = (1e-4, 3e-4, 1e-3)
+# --preset quick: LLM-Adapters' eight methods at a budget that fits an hour on 2 CPU cores (BENCHMARKS.md).
+QUICK_METHODS = ["adapter-h", "adapter-p", "parallel", "lora", "prefix-tuning", "prompt-tuning", "p-tuning",
+                 "p-tuning-v2"]
+QUICK = {"budget": "steps=30", "pilot_steps": 5, "val_set_size": 32, "eval_limit": 50, "micro_batch_size": 8,
+         "max_new_tokens": 128}
+CHOICE_NEW_TOKENS = 32  # commonsense answers are one word ("the correct answer is true"): no need for more
 PRESETS = ("quick", "llm-adapters")
 MATH_SLICE = "math-slice"  # the demo's held-out math items (not in the math training file)
 
@@ -57,14 +63,19 @@ class StudySettings:
     precision: str = option("auto", "precision of every run", choices=("auto", "fp32", "bf16"))
     max_new_tokens: int = option(160, "most tokens generated per evaluated answer", minimum=1)
     preset: str | None = option(None, "quick: the default model, math training file, math slice + boolq and "
-                                "piqa, all methods, 1 seed", choices=PRESETS)
+                                "piqa, LLM-Adapters' eight methods, 1 seed, a budget for an hour on 2 cores", choices=PRESETS)
     resume: bool = option(False, "continue a study in --output: finished runs and evaluations are kept")
 
     def __post_init__(self) -> None:
-        if self.preset == "quick":
+        if self.preset == "quick":  # the preset fills what was left at its default
             self.train_data = self.train_data or str(TRAIN_FILE)
             if self.tasks == [MATH_SLICE]:
                 self.tasks = [MATH_SLICE, "boolq", "piqa"]
+            if self.methods == ["all"]:
+                self.methods = list(QUICK_METHODS)
+            for name, value in QUICK.items():
+                if getattr(self, name) == StudySettings.__dataclass_fields__[name].default:
+                    setattr(self, name, value)
         if self.preset == "llm-adapters":
             raise AdapterkitError("--preset llm-adapters (its per-method settings on a 7B model) needs a GPU and the "
                                   "model; it is documented in the README, not runnable here")
@@ -108,7 +119,7 @@ def parse_budget(text: str) -> tuple[str, int]:
 def learning_rates(settings: StudySettings, method: str) -> list[float]:
     if settings.lrs != ["auto"]:
         return [float(r) for r in settings.lrs]
-    return list(AUTO_LRS.get(get_method(method).family, DEFAULT_LRS))
+    return list(get_method(method).study_lrs)
 
 
 def steps_for(settings: StudySettings, out: Path) -> int:
@@ -161,7 +172,9 @@ def _evaluate(settings: StudySettings, name: str, adapter: Path | None, task: st
     return run_eval(EvalSettings(model=settings.model, adapter=str(adapter) if adapter else None,
                                  task=None if data else task, data=str(data) if data else None, task_type=task_type,
                                  data_dir=settings.data_dir, train_data=str(settings.train_data), output=str(folder),
-                                 limit=settings.eval_limit, batch_size=16, max_new_tokens=settings.max_new_tokens,
+                                 limit=settings.eval_limit, batch_size=16,
+                                 max_new_tokens=settings.max_new_tokens if data else min(settings.max_new_tokens,
+                                                                                         CHOICE_NEW_TOKENS),
                                  precision="fp32", progress=False))
 
 
@@ -194,10 +207,20 @@ def study(settings: StudySettings) -> dict:
         if len(rates) > 1:
             for lr in rates:
                 progress.step(f"{method} pilot at lr {lr:g}")
-                run = _train(settings, method, lr, settings.seeds[0], settings.pilot_steps,
-                             out / "runs" / method / f"pilot-lr{lr:g}", settings.val_set_size)
-                sweep[lr] = run["best_val_loss"]
-        chosen = min(sweep, key=lambda lr: sweep[lr]) if sweep else rates[0]
+                folder, sweep[lr] = out / "runs" / method / f"pilot-lr{lr:g}", None
+                if (folder / "failed.txt").is_file():  # failed before: it would again (seeded, same data)
+                    continue
+                try:
+                    sweep[lr] = _train(settings, method, lr, settings.seeds[0], settings.pilot_steps, folder,
+                                       settings.val_set_size)["best_val_loss"]
+                except AdapterkitError as exc:  # a rate too small or too large: the worst of the sweep
+                    print(f"study: {exc}; that rate counts as failed", flush=True)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / "failed.txt").write_text(f"{exc}\n")
+            if all(loss is None for loss in sweep.values()):
+                raise AdapterkitError(f"every learning-rate pilot of {method} failed ({rates}); give rates with --lrs")
+        tried = {lr: loss for lr, loss in sweep.items() if loss is not None}
+        chosen = min(tried, key=tried.get) if tried else rates[0]
         steps = steps_for(settings, out)
         runs[method] = {"lr": chosen, "sweep": sweep, "steps": steps, "seeds": {}}
         for seed in settings.seeds:

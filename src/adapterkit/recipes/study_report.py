@@ -121,7 +121,7 @@ def _plots(out: Path, rows: list[dict], runs: dict, settings) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, info in runs.items():
         if info["sweep"]:
-            rates = sorted(info["sweep"])
+            rates = sorted(r for r, loss in info["sweep"].items() if loss is not None)  # failed pilots: no point
             ax.plot(rates, [info["sweep"][r] for r in rates], "o-", label=name)
     ax.set_xscale("log")
     ax.set(xlabel="learning rate", ylabel="pilot validation loss")
