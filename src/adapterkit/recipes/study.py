@@ -32,7 +32,7 @@ from .demo import TRAIN_FILE, clean_math_slice
 from .evaluate import EvalSettings, run_eval
 from .study_report import write_report
 
-# --preset quick: LLM-Adapters' eight methods at a budget that fits an hour on 2 CPU cores (BENCHMARKS.md).
+# --preset quick: LLM-Adapters' eight methods at a budget meant to fit an hour on 2 CPU cores (not yet timed).
 QUICK_METHODS = ["adapter-h", "adapter-p", "parallel", "lora", "prefix-tuning", "prompt-tuning", "p-tuning",
                  "p-tuning-v2"]
 QUICK = {"budget": "steps=30", "pilot_steps": 5, "val_set_size": 32, "eval_limit": 50, "micro_batch_size": 8,
@@ -215,8 +215,7 @@ def study(settings: StudySettings) -> dict:
                                        settings.val_set_size)["best_val_loss"]
                 except AdapterkitError as exc:  # a rate too small or too large: the worst of the sweep
                     print(f"study: {exc}; that rate counts as failed", flush=True)
-                    folder.mkdir(parents=True, exist_ok=True)
-                    (folder / "failed.txt").write_text(f"{exc}\n")
+                    write_files(folder, {"failed.txt": f"{exc}\n"}, {})  # atomic, as every file the study writes
             if all(loss is None for loss in sweep.values()):
                 raise AdapterkitError(f"every learning-rate pilot of {method} failed ({rates}); give rates with --lrs")
         tried = {lr: loss for lr, loss in sweep.items() if loss is not None}
