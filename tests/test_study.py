@@ -93,6 +93,7 @@ def test_mcnemar_exact():
     (["--budget", "epochs=3"], "use steps=N, tokens=N or seconds=N"),
     (["--seeds", "1,two"], "--seeds"),
     (["--lrs", "fast"], "--lrs must be numbers or auto"),
+    (["--train-data", "missing.json"], "--train-data missing.json: no such file"),
 ])
 def test_bad_study_input_one_line(tiny_llama_dir, layout, tmp_path, capsys, extra, message):
     train, data_dir = layout
@@ -101,3 +102,35 @@ def test_bad_study_input_one_line(tiny_llama_dir, layout, tmp_path, capsys, extr
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_commonsense_mix_reads_train_splits_only_and_balances(tmp_path):
+    from adapterkit.tasks import commonsense_mix
+
+    root = tmp_path / "llm-adapters" / "dataset"
+    for task, count in (("boolq", 7), ("openbookqa", 3), ("piqa", 0)):
+        (root / task).mkdir(parents=True)
+        (root / task / "test.json").write_text(json.dumps([{"instruction": f"test {task}", "answer": "x"}]))
+        if count:
+            (root / task / "train.json").write_text(json.dumps(
+                [{"instruction": f"{task} {i}", "output": "o", "answer": "a"} for i in range(count)]))
+    mix, counts = commonsense_mix(tmp_path / "llm-adapters")
+    assert counts == {"boolq": 3, "openbookqa": 3}  # piqa has no train split; each cut to the smallest
+    assert len(mix) == 6 and not any(r["instruction"].startswith("test") for r in mix)
+    assert len({r["instruction"] for r in mix}) == 6
+    with pytest.raises(AdapterkitError, match="no commonsense train split"):
+        commonsense_mix(tmp_path / "nowhere")
+
+
+def test_study_training_sources_take_equal_shares(layout, tmp_path):
+    train, data_dir = layout
+    (data_dir / "dataset" / "boolq").mkdir(parents=True)
+    (data_dir / "dataset" / "boolq" / "train.json").write_text(json.dumps(
+        [{"instruction": f"Is {i} even?", "output": "o", "answer": "true"} for i in range(100)]))
+    settings = study_module.StudySettings(output=str(tmp_path / "s"), train_data=[str(train), "commonsense"],
+                                          data_dir=str(data_dir), tasks=["gsm8k"], methods=["lora"])
+    path = study_module.training_data(settings, tmp_path / "s")
+    records = json.loads(path.read_text())
+    assert len(records) == 2 * len(RECORDS)  # the 100 boolq records are cut to the file's 36
+    assert sum(r.get("source") == "boolq" for r in records) == len(RECORDS)
+    assert json.loads((tmp_path / "s" / "train_sources.json").read_text()) == {str(train): 36, "commonsense": 36}

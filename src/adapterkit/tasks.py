@@ -196,6 +196,31 @@ def resolve_task(task: str | None = None, data: str | Path | None = None, data_d
     return name, path, spec, spec.type
 
 
+# LLM-Adapters trained its commonsense models on commonsense_170k: the train splits of these eight tasks.
+COMMONSENSE_TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge",
+                     "openbookqa")
+
+
+def commonsense_mix(data_dir: str | Path | None = None, seed: int = 0) -> tuple[list[dict], dict[str, int]]:
+    """A stand-in for commonsense_170k (not shipped) from the train splits found under
+    DIR/dataset/<task>/train.json: each split shuffled and cut to the smallest split's size, so no task
+    dominates. Only train.json files are read, never a test split. Returns (records, records per task)."""
+    import random
+
+    root = Path(data_dir) if data_dir is not None else BUNDLED_DATA
+    splits = {t: read_records(root / "dataset" / t / "train.json") for t in COMMONSENSE_TASKS
+              if (root / "dataset" / t / "train.json").is_file()}
+    if not splits:
+        raise AdapterkitError(f"no commonsense train split under {root}/dataset/<task>/train.json (tasks: "
+                              f"{', '.join(COMMONSENSE_TASKS)}); pass --data-dir with LLM-Adapters' layout")
+    size = min(len(r) for r in splits.values())
+    mix = []
+    for task, records in splits.items():
+        random.Random(f"{seed}-{task}").shuffle(records)
+        mix += [{**r, "source": task} for r in records[:size]]
+    return mix, {t: size for t in splits}
+
+
 def load_task_records(path: str | Path, task_type: str, limit: int | None = None) -> list[dict]:
     """The records of a task file, each with a gold `answer` (math: a number)."""
     records = read_records(path)[:limit]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ from ..io.files import check_output, note_outputs, write_files
 from ..methods import METHODS, get_method
 from ..models import DEFAULT_MODEL
 from ..settings import check_fields, option
-from ..tasks import get_task, resolve_task
+from ..data import read_records
+from ..tasks import commonsense_mix, get_task, resolve_task
 from .demo import TRAIN_FILE, clean_math_slice
 from .evaluate import EvalSettings, run_eval
 from .study_report import write_report
@@ -46,7 +48,9 @@ MATH_SLICE = "math-slice"  # the demo's held-out math items (not in the math tra
 class StudySettings:
     output: str = option(None, "folder for runs/, evals/, leaderboard.{md,csv,json} and plots", required=True)
     model: str = option(DEFAULT_MODEL, "base model: the default, a local Hugging Face folder or a hub id")
-    train_data: str | None = option(None, "training file (default with --preset quick: the math training file)")
+    train_data: list[str] = option([], "training data: files, or math (the bundled math training file) and "
+                                   "commonsense (the train splits under --data-dir, mixed); several sources take "
+                                   "equal shares (default with --preset quick: math,commonsense)")
     tasks: list[str] = option([MATH_SLICE], "tasks: names as `eval --task`, or math-slice (held-out math items)")
     data_dir: str | None = option(None, "LLM-Adapters' data folder for the tasks (default: the bundled data)")
     methods: list[str] = option(["all"], "methods to compare, or all")
@@ -68,7 +72,7 @@ class StudySettings:
 
     def __post_init__(self) -> None:
         if self.preset == "quick":  # the preset fills what was left at its default
-            self.train_data = self.train_data or str(TRAIN_FILE)
+            self.train_data = self.train_data or ["math", "commonsense"]
             if self.tasks == [MATH_SLICE]:
                 self.tasks = [MATH_SLICE, "boolq", "piqa"]
             if self.methods == ["all"]:
@@ -80,8 +84,11 @@ class StudySettings:
             raise AdapterkitError("--preset llm-adapters (its per-method settings on a 7B model) needs a GPU and the "
                                   "model; it is documented in the README, not runnable here")
         check_fields(self)
-        if self.train_data is None:
+        if not self.train_data:
             raise AdapterkitError("--train-data is required (or --preset quick)")
+        for source in self.train_data:
+            if source not in TRAIN_SOURCES and not Path(source).exists():
+                raise AdapterkitError(f"--train-data {source}: no such file; give a file, math or commonsense")
         self.methods = sorted(METHODS) if self.methods == ["all"] else self.methods
         if not self.methods:
             raise AdapterkitError("--methods is empty; name methods or use all")
@@ -116,6 +123,37 @@ def parse_budget(text: str) -> tuple[str, int]:
     return kind, number
 
 
+TRAIN_SOURCES = ("math", "commonsense")
+
+
+def _source_records(source: str, data_dir: str | None) -> list[dict]:
+    if source == "math":
+        return read_records(TRAIN_FILE)
+    if source == "commonsense":
+        return commonsense_mix(data_dir)[0]
+    return read_records(source)
+
+
+def training_data(settings: StudySettings, out: Path) -> Path:
+    """out/train.json, the one training file of every run: the sources, each cut to the smallest one's size
+    when there are several (shuffled with a fixed seed first), so that no source dominates."""
+    path = out / "train.json"
+    if path.is_file():
+        return path
+    sources = {s: _source_records(s, settings.data_dir) for s in settings.train_data}
+    size = min(len(r) for r in sources.values()) if len(sources) > 1 else None
+    records = []
+    for name, items in sources.items():
+        if size is not None:
+            random.Random(f"study-{name}").shuffle(items)
+        records += items[:size]
+    shares = {name: len(items[:size]) for name, items in sources.items()}
+    write_files(out, {path.name: json.dumps(records, indent=1), "train_sources.json": json.dumps(shares, indent=1)},
+                {}, record=True)
+    print(f"study: training data {', '.join(f'{n} {c}' for n, c in shares.items())} records -> {path}", flush=True)
+    return path
+
+
 def learning_rates(settings: StudySettings, method: str) -> list[float]:
     if settings.lrs != ["auto"]:
         return [float(r) for r in settings.lrs]
@@ -143,7 +181,7 @@ def _train(settings: StudySettings, method: str, lr: float, seed: int, steps: in
     """One training run in its own process (its peak memory is its own); skipped when finished."""
     if (folder / "run.json").is_file():
         return json.loads((folder / "run.json").read_text())
-    config = {"data": str(settings.train_data), "output": str(folder), "method": method, "model": settings.model,
+    config = {"data": str(Path(settings.output) / "train.json"), "output": str(folder), "method": method, "model": settings.model,
               "batch_size": settings.batch_size, "micro_batch_size": settings.micro_batch_size, "max_steps": steps,
               "learning_rate": lr, "warmup_steps": max(1, steps // 10), "cutoff_len": settings.cutoff_len,
               "val_set_size": val_set_size, "eval_steps": steps, "save_steps": steps, "template": settings.template,
@@ -171,7 +209,7 @@ def _evaluate(settings: StudySettings, name: str, adapter: Path | None, task: st
                         record=True)
     return run_eval(EvalSettings(model=settings.model, adapter=str(adapter) if adapter else None,
                                  task=None if data else task, data=str(data) if data else None, task_type=task_type,
-                                 data_dir=settings.data_dir, train_data=str(settings.train_data), output=str(folder),
+                                 data_dir=settings.data_dir, train_data=str(out / "train.json"), output=str(folder),
                                  limit=settings.eval_limit, batch_size=16,
                                  max_new_tokens=settings.max_new_tokens if data else min(settings.max_new_tokens,
                                                                                          CHOICE_NEW_TOKENS),
@@ -197,6 +235,7 @@ def study(settings: StudySettings) -> dict:
     check_output(out, overwrite=False, resuming=settings.resume)
     write_files(out, {"study.json": json.dumps(asdict(settings), indent=2) + "\n"}, {}, record=True)
     note_outputs(out, ["runs", "evals", "plots", "leaderboard.md", "leaderboard.csv", "leaderboard.json"])
+    training_data(settings, out)
     plan = {m: learning_rates(settings, m) for m in settings.methods}
     pilots = sum(len(r) for r in plan.values() if len(r) > 1)
     progress = Progress(pilots + len(settings.methods) * len(settings.seeds)
