@@ -23,12 +23,12 @@ from pathlib import Path
 
 import yaml
 
+from ..data import read_records
 from ..errors import AdapterkitError
 from ..io.files import check_output, note_outputs, write_files
 from ..methods import METHODS, get_method
 from ..models import DEFAULT_MODEL
 from ..settings import check_fields, option
-from ..data import read_records
 from ..tasks import commonsense_mix, get_task, resolve_task
 from .demo import TRAIN_FILE, clean_math_slice
 from .evaluate import EvalSettings, run_eval
