@@ -163,6 +163,11 @@ def _vera_trainable(family: str, adapted) -> int:
     return sum(n_out + 16 for _, n_out in _targeted_shapes(adapted))
 
 
+def _adalora_trainable(family: str, adapted) -> int:
+    """init_r = 4 triplets per targeted linear layer: Q [4, in], P [out, 4], Lambda [4, 1]."""
+    return sum(4 * (n_in + n_out + 1) for n_in, n_out in _targeted_shapes(adapted))
+
+
 def _oft_trainable(family: str, adapted) -> int:
     """Blocks of size 8: in / 8 skew-symmetric blocks of 8 x 7 / 2 = 28 numbers per targeted linear layer."""
     return sum(n_in // 8 * 28 for n_in, _ in _targeted_shapes(adapted))
@@ -196,6 +201,12 @@ CASES: dict[str, MethodCase] = {
     "oft": MethodCase(config=lambda family: ak.get_method("oft").config_class(block_size=8, target_modules="all-linear"),
                       starts_as_base=True, trainable=_oft_trainable, lr=1e-2, steps=STEPS, loss_drop=0.4,
                       mergeable=True, refuses=_refuses_conv1d),
+    # A long schedule: 15 steps drop a few triplets (a layer left with none would end with Lambda at its
+    # starting zero); tests/test_adalora.py runs schedules to their end.
+    "adalora": MethodCase(config=lambda family: ak.get_method("adalora").config_class(
+                              init_r=4, target_r=3, tinit=2, tfinal=3, total_step=400, target_modules="all-linear"),
+                          starts_as_base=True, trainable=_adalora_trainable, lr=1e-2, steps=STEPS, loss_drop=0.2,
+                          mergeable=True),
     "p-tuning-v2": _prompt(lambda family: ak.PTuningV2Config(num_virtual_tokens=K),  # prefixes trained directly
                            lambda family, adapted: K * LAYERS * 2 * kv_width(family), loss_drop=0.07),
 }

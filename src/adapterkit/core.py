@@ -301,6 +301,23 @@ class AdaptedModel(Merging, nn.Module):
                     groups.setdefault(lr * method.lr_ratio(record.config, key), []).append(p)
         return [{"params": params, "lr": group_lr} for group_lr, params in groups.items()]
 
+    # ----- training hooks: the loop calls these; each adapter being trained gets its method's hook ----
+    def _trained(self) -> list[tuple]:
+        return [(get_method(r.config.method), r.name) for r in self.records.values()
+                if not r.merged and any(p.requires_grad for p in self._parameters_of(r).values())]
+
+    def start_training(self, total_steps: int) -> None:
+        for method, name in self._trained():
+            method.start_training(self, name, total_steps)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        terms = [t for method, name in self._trained() if (t := method.extra_loss(self, name)) is not None]
+        return sum(terms) if terms else None
+
+    def after_optimizer_step(self, step: int) -> None:
+        for method, name in self._trained():
+            method.after_optimizer_step(self, name, step)
+
     def trainable_parameters(self) -> tuple[int, int, float]:
         """(trainable, total, percent) over the whole adapted model."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,4 +1,4 @@
-"""PEFT's format of the methods that are one table row each (LoHa, LoKr, VeRA, OFT), and the pieces every
+"""PEFT's format of the methods that are one table row each (LoHa, LoKr, VeRA, OFT, AdaLoRA), and the pieces every
 PEFT reader shares (the option check, PEFT's per-module pattern rule).
 
 A row names the PEFT type, the tensors (adapterkit parameter -> PEFT key suffix; PEFT saves each module's
@@ -20,6 +20,8 @@ import torch
 
 from ..config import AdapterConfig
 from ..errors import AdapterkitError
+from ..methods.adalora import WEIGHTS as _ADALORA_WEIGHTS
+from ..methods.adalora import AdaloraConfig
 from ..methods.loha import LohaConfig
 from ..methods.lokr import LokrConfig
 from ..methods.oft import OftConfig
@@ -64,9 +66,11 @@ class PeftFormat:
     inert: frozenset[str] = frozenset()     # more options that change nothing once the weights exist
     patterns: bool = False                  # r and alpha per module (rank_pattern / alpha_pattern)
     fan_in_fan_out: bool = False            # PEFT's flag for Conv1D targets (weights stored in x out)
-    # Tensors outside the modules (VeRA's shared projection): written from the parts, checked on reading.
+    # Tensors outside the modules (VeRA's shared projection), or replacing a module's (AdaLoRA keeps only the
+    # triplets its rank pattern keeps): written from the parts; read_extra checks them and may rewrite weights.
     write_extra: Callable[[AdapterConfig, dict], dict[str, torch.Tensor]] | None = None
     read_extra: Callable[[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict] | None = None
+    write_meta: Callable[[AdapterConfig, dict], dict] | None = None  # more PEFT options, from the parts
 
 
 _VERA_KEYS = ("base_model.vera_A", "base_model.vera_B")
@@ -109,6 +113,55 @@ def _oft_block_size(meta: dict, extra: dict[str, torch.Tensor], weights: dict) -
     return {"block_size": sizes.pop()}
 
 
+def _adalora_kept(config: AdaloraConfig, parts: dict) -> dict[str, torch.Tensor]:
+    """The triplets PEFT's file holds per module (PEFT drops those its rank pattern drops): the kept ones, and
+    any whose Lambda grew back since the allocator last zeroed it (so the file gives the same update)."""
+    if not config.rank_pattern:
+        return {}
+    return {path: torch.tensor(config.rank_pattern[path]) | (part.lora_E.detach().view(-1).cpu() != 0)
+            for path, part in parts.items()}
+
+
+def _adalora_pruned(config: AdaloraConfig, parts: dict) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path, keep in _adalora_kept(config, parts).items():
+        a, b, e = (getattr(parts[path], n).detach().float().cpu() for n in _ADALORA_WEIGHTS)
+        for name, kept in zip(_ADALORA_WEIGHTS, (a[keep], b[:, keep], e[keep]), strict=True):
+            tensors[f"{PEFT_PREFIX}{path}.{name}"] = kept.contiguous()
+    return tensors
+
+
+def _adalora_meta(config: AdaloraConfig, parts: dict) -> dict:
+    """PEFT's rank_pattern ({module path}.lora_E -> kept per triplet); total_step, which PEFT requires, is the
+    smallest that fits when the adapter never trained (it changes nothing at inference)."""
+    kept = _adalora_kept(config, parts)
+    return {"rank_pattern": {f"{path}.lora_E": keep.tolist() for path, keep in kept.items()} or None,
+            "total_step": config.total_step or config.tinit + config.tfinal + 1}
+
+
+def _adalora_unpruned(meta: dict, extra: dict[str, torch.Tensor], weights: dict) -> dict:
+    """PEFT's kept triplets back in their places among init_r, the dropped ones zero (the same update)."""
+    if extra:
+        raise AdapterkitError(f"the PEFT ADALORA file holds {sorted(extra)[0]}, which adapterkit cannot read")
+    r, saved = meta.get("init_r", AdaloraConfig().init_r), meta.get("rank_pattern") or {}
+    pattern = {}
+    for path in sorted({key.rpartition(".")[0] for key in weights}):
+        keep = torch.tensor(saved.get(f"{path}.lora_E", [True] * r), dtype=torch.bool)
+        lacking = [n for n in _ADALORA_WEIGHTS if f"{path}.{n}" not in weights]
+        if lacking:
+            raise AdapterkitError(f"the PEFT ADALORA file lacks {lacking[0]} of {path}")
+        a, b, e = (weights[f"{path}.{n}"] for n in _ADALORA_WEIGHTS)
+        n = int(keep.sum())
+        if len(keep) != r or a.shape[0] != n or b.shape[1] != n or e.shape != (n, 1):
+            raise AdapterkitError(f"the PEFT ADALORA tensors of {path} do not hold the {n} triplets its rank_pattern "
+                                  f"keeps of init_r={r}; the folder is inconsistent")
+        full = (a.new_zeros(r, a.shape[1]), b.new_zeros(b.shape[0], r), e.new_zeros(r, 1))
+        full[0][keep], full[1][:, keep], full[2][keep] = a, b, e
+        weights.update({f"{path}.{name}": t for name, t in zip(_ADALORA_WEIGHTS, full, strict=True)})
+        pattern[path] = keep.tolist()
+    return {"rank_pattern": pattern if saved else {}}
+
+
 FORMATS: dict[str, PeftFormat] = {
     "loha": PeftFormat(
         "LOHA", LohaConfig, {k: k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
@@ -131,6 +184,14 @@ FORMATS: dict[str, PeftFormat] = {
         fixed={"coft": False, "block_share": False, "bias": "none"},
         inert=frozenset({"r", "eps", "fan_in_fan_out", "module_dropout"}),  # module_dropout: never applied by PEFT
         read_extra=_oft_block_size),
+    "adalora": PeftFormat(
+        "ADALORA", AdaloraConfig, {n: n for n in _ADALORA_WEIGHTS},
+        {**{k: k for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+                           "total_step")}, "alpha": "lora_alpha", "dropout": "lora_dropout"},
+        fixed={"bias": "none"}, fan_in_fan_out=True,
+        # r: AdaLoRA ignores it (init_r); use_rslora: AdaLoRA's scale is alpha / ranknum whatever it says
+        inert=frozenset({"r", "init_lora_weights", "use_rslora", "megatron_core", "qalora_group_size"}),
+        write_extra=_adalora_pruned, write_meta=_adalora_meta, read_extra=_adalora_unpruned),
 }
 BY_PEFT_TYPE = {f.peft_type: method for method, f in FORMATS.items()}
 
@@ -145,6 +206,8 @@ def format_to_peft(config: AdapterConfig, parts: dict, common: dict) -> tuple[di
         tensors.update(fmt.write_extra(config, parts))
     meta = {**common, **{theirs: getattr(config, ours) for ours, theirs in fmt.options.items()}, **fmt.fixed,
             "target_modules": sorted(parts), "modules_to_save": None}
+    if fmt.write_meta is not None:
+        meta.update(fmt.write_meta(config, parts))
     if fmt.patterns:
         pairs = {path: config.rank_and_alpha(path) for path in parts}
         meta["rank_pattern"] = exact_pattern({p: ra[0] for p, ra in pairs.items()}, config.r)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from ..config import AdapterConfig
@@ -40,6 +41,18 @@ class Method:
     def lr_ratio(self, config: AdapterConfig, key: str) -> float:
         """Learning-rate multiplier of one adapter weight (its path inside the adapter)."""
         return 1.0
+
+    # Training hooks, called by the training loop through AdaptedModel for each adapter being trained
+    # (a method that changes its adapter while training, as AdaLoRA's rank allocator does); no-ops here.
+    def start_training(self, adapted, name: str, total_steps: int) -> None:
+        """Before a run's first optimizer step; `total_steps` is the run's number of optimizer steps."""
+
+    def extra_loss(self, adapted, name: str) -> torch.Tensor | None:
+        """A term added to each micro-batch's training loss (a regulariser), or None."""
+        return None
+
+    def after_optimizer_step(self, adapted, name: str, step: int) -> None:
+        """After optimizer step `step` (0-based), before the gradients are cleared: they may still be read."""
 
     def combine(self, adapted, names: list[str], weights: list[float], new_name: str, combination: str) -> None:
         """A new adapter `new_name` combining adapters `names` of this method."""

@@ -248,6 +248,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
                                world.device))
         return batches
 
+    adapted.start_training(total)  # (fit calls it too) a method's schedule is checked here, before anything is written
     params, optimizer, scheduler = make_optimizer(adapted, settings.learning_rate, settings.warmup_steps, total)
     autocast = torch.bfloat16 if precision == "bf16" else None
     metrics: list[dict] = []

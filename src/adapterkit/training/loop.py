@@ -46,6 +46,9 @@ def micro_step(model: nn.Module, batch: dict, scale: float, autocast: torch.dtyp
     with torch.autocast(batch["input_ids"].device.type, dtype=autocast or torch.bfloat16,
                         enabled=autocast is not None):
         loss = labelled_loss(model, batch)
+    extra = model.extra_loss() if hasattr(model, "extra_loss") else None  # a method's regulariser, in fp32
+    if extra is not None:
+        loss = loss + extra
     (loss * scale).backward()
     tokens = batch["tokens"] if "tokens" in batch else batch["attention_mask"].sum()  # packed rows count their own
     return loss.item(), int(tokens)
@@ -54,8 +57,13 @@ def micro_step(model: nn.Module, batch: dict, scale: float, autocast: torch.dtyp
 def fit(model: nn.Module, micro_batches: Callable[[int], list[dict]], start: int, total: int, optimizer,
         scheduler, params: list, world: World, accumulation: int, max_grad_norm: float = 1.0,
         autocast: torch.dtype | None = None, after_step: Callable[[int, float, int], None] | None = None) -> None:
-    """Optimizer steps start..total-1; `micro_batches(step)` gives this process's share of a step."""
+    """Optimizer steps start..total-1; `micro_batches(step)` gives this process's share of a step. An
+    AdaptedModel's methods take part through its hooks: start_training(total), extra_loss() added to each
+    micro-batch's loss, after_optimizer_step(step) while the gradients are still there."""
     tune_allocator()
+    hooks = hasattr(model, "after_optimizer_step")
+    if hooks:
+        model.start_training(total)
     model.train()
     for step in range(start, total):
         losses = torch.zeros(2, dtype=torch.float64)  # sum of micro-batch losses, tokens
@@ -71,6 +79,8 @@ def fit(model: nn.Module, micro_batches: Callable[[int], list[dict]], start: int
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         scheduler.step()
+        if hooks:
+            model.after_optimizer_step(step)
         optimizer.zero_grad(set_to_none=True)
         if after_step:
             after_step(step + 1, loss, int(tokens))
