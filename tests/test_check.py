@@ -131,7 +131,7 @@ PEFT_METHODS = {
     "p-tuning": PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16),
     "prefix-tuning": PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16),
     "p-tuning-v2": PTuningV2Config(num_virtual_tokens=4),
-    **{name: ak.get_method(name).config_class() for name in ("loha", "lokr", "vera", "oft")},
+    **{name: ak.get_method(name).config_class() for name in ("loha", "lokr", "vera", "oft", "adalora")},
 }
 
 

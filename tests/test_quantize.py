@@ -26,6 +26,7 @@ CONFIGS = {
     "lokr": ak.get_method("lokr").config_class(r=4, alpha=8),
     "vera": ak.get_method("vera").config_class(r=16),
     "oft": ak.get_method("oft").config_class(),
+    "adalora": ak.get_method("adalora").config_class(init_r=4, target_r=2, tinit=2, tfinal=3),
 }
 LR = {"ia3": 5e-2, "prompt-tuning": 5e-2, "p-tuning": 1e-2, "prefix-tuning": 1e-2, "p-tuning-v2": 5e-2}
 

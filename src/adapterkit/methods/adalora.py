@@ -242,6 +242,9 @@ class Adalora(Method):
 
     def start_training(self, adapted, name: str, total_steps: int) -> None:
         record = adapted.records[name]
+        if any(type(p).__name__ == "DTensor" for part in record.parts.values() for p in part.parameters()):
+            raise AdapterkitError("adalora ranks the triplets of all layers together, from whole weights and "
+                                  "gradients; train it without --shard (data parallel runs are fine)")
         if record.config.total_step is None:
             check_schedule(record.config, total_steps)
             record.config.total_step = total_steps
