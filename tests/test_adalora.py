@@ -23,7 +23,7 @@ from adapterkit.training import causal_lm_loss, train_steps
 
 NAMES = {n: n for n in ("lora_A", "lora_B", "lora_E")}
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=2)
+SCHEDULE = dict(init_r=6, target_r=2, tinit=1, tfinal=2, deltaT=1)
 
 
 def _cycle(batch):
@@ -31,8 +31,8 @@ def _cycle(batch):
         yield batch
 
 
-def _peft(family: str = "llama", **options):
-    config = peft.AdaLoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **options)  # (the regulariser
+def _peft(family: str = "llama", targets=TARGETS, **options):
+    config = peft.AdaLoraConfig(target_modules=targets, task_type="CAUSAL_LM", **options)  # (the regulariser
     # is added by PEFT's causal-LM wrapper only)
     return peft.get_peft_model(tiny_model(family), config).eval()
 
@@ -43,14 +43,14 @@ def _pattern_of_peft(peft_model) -> dict:
     return {key.removesuffix(".default").removesuffix(".lora_E"): value for key, value in pattern.items()}
 
 
-def _trained_pair(steps: int = 8, lr: float = 2e-2):
+def _trained_pair(steps: int = 10, lr: float = 2e-2):
     """PEFT's AdaLoRA and ours from the same starting weights (Lambda made non-zero, so every weight gets a
     loss gradient), trained `steps` AdamW steps with the same linear decay: ours by the training loop (its
     hooks: orthogonal regulariser, rank allocator), PEFT's by hand, update_and_allocate(step) after each
     optimizer step. Returns both, our and PEFT's losses, and the rank patterns after each step."""
-    peft_model = _peft(total_step=steps, lora_alpha=6, orth_reg_weight=0.5, **SCHEDULE)
+    peft_model = _peft(targets="all-linear", total_step=steps, lora_alpha=6, orth_reg_weight=0.5, **SCHEDULE)
     randomize(peft_model, {"lora_E": "lora_E"}, scale=0.5)
-    adapted = ak.adapt(tiny_model("llama"), AdaloraConfig(target_modules=TARGETS, alpha=6, **SCHEDULE))
+    adapted = ak.adapt(tiny_model("llama"), AdaloraConfig(target_modules="all-linear", alpha=6, **SCHEDULE))
     copy_from_peft(peft_model, adapted, NAMES)
     batch = tiny_batch()
     ours_patterns = []
@@ -105,13 +105,13 @@ def test_adalora_training_and_rank_allocation_match_peft(tmp_path):
     assert sum(map(sum, final.values())) == 2 * len(final) and len({sum(v) for v in final.values()}) > 1
     batch = tiny_batch()
     assert (logits(adapted, batch) - logits(peft_model, batch)).abs().max() <= 1e-4
-    assert adapted.records["default"].config.total_step == 8  # from the run's length
+    assert adapted.records["default"].config.total_step == 10  # from the run's length
     # PEFT's saved folder (only the kept triplets) reads back with the same logits and pattern, and ours
     # exported loads in PEFT with the same logits.
     loaded = assert_peft_folder_loads(peft_model, "llama", tmp_path / "theirs")
     assert loaded.records["default"].config.rank_pattern == final
     config = assert_export_loads_in_peft(adapted, "llama", tmp_path / "ours")
-    assert config.peft_type == peft.PeftType.ADALORA and config.init_r == 4 and config.total_step == 8
+    assert config.peft_type == peft.PeftType.ADALORA and config.init_r == 6 and config.total_step == 10
     assert {k.removesuffix(".lora_E"): v for k, v in config.rank_pattern.items()} == final
 
 
