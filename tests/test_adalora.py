@@ -139,6 +139,9 @@ def test_adalora_reaches_the_target_budget_on_schedule(tmp_path):
     parts = adapted.records["default"].parts
     for path, keep in config.rank_pattern.items():
         assert torch.equal(parts[path].lora_E.view(-1) != 0, torch.tensor(keep))
+    pattern, config.rank_pattern = config.rank_pattern, {}  # as a run resumed in the final phase starts
+    adapted.after_optimizer_step(steps - 1)
+    assert config.rank_pattern == pattern  # read back from the zeroed Lambdas
     adapted.save(tmp_path)
     reloaded = ak.load(tiny_model("llama"), tmp_path)
     assert reloaded.records["default"].config.rank_pattern == config.rank_pattern
