@@ -20,6 +20,7 @@ from .config import AdapterConfig
 from .errors import AdapterkitError
 from .merging import Merging
 from .methods import get_method
+from .methods.combining import Combination
 from .sites import (
     AdapterSite,
     AdapterState,
@@ -280,16 +281,22 @@ class AdaptedModel(Merging, nn.Module):
                 {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, name)
         return nn.modules.module._IncompatibleKeys([], [])
 
-    def add_weighted_adapter(self, names: list[str], weights: list[float], new_name: str,
-                             combination: str = "cat") -> None:
-        """A new adapter combining adapters of one method (LoRA: "cat", the exact weighted sum of the
-        updates, or "linear")."""
+    def add_weighted_adapter(self, names: list[str], weights: list[float], new_name: str, combination: str = "cat",
+                             density: float | None = None, majority_sign_method: str = "total",
+                             svd_rank: int | None = None, seed: int = 0) -> None:
+        """A new adapter combining adapters of one method, as PEFT's add_weighted_adapter (LoRA: cat, the
+        exact weighted sum of the updates; linear; svd; ties, dare_linear, dare_ties with `density`; their
+        *_svd forms). See methods/combining.py and the method's combine for the algebra."""
         if not names:
             raise AdapterkitError("add_weighted_adapter needs at least one adapter name")
+        how = Combination(combination, density, majority_sign_method, svd_rank, seed)
+        how.validate()
         methods = {self._record(n).config.method for n in names}
         if len(methods) > 1:
             raise AdapterkitError(f"adapters of different methods ({', '.join(sorted(methods))}) cannot be combined")
-        get_method(methods.pop()).combine(self, names, weights, new_name, combination)
+        get_method(methods.pop()).combine(self, names, weights, new_name, how)
+        # a combination of trained adapters must change the logits too (save and load check it)
+        self.records[new_name].trained_steps = max(self.records[n].trained_steps for n in names)
 
     def optimizer_groups(self, lr: float) -> list[dict]:
         """Trainable parameters grouped by learning rate (a method may scale some, as LoRA+ does B)."""
