@@ -122,13 +122,18 @@ def two_adapters(rank_b=2, alpha_b=6.0, dora=False):
 
 @torch.no_grad()
 def test_cat_equals_both_adapters_at_once():
-    adapted = two_adapters(rank_b=3)
+    adapted = ak.adapt(tiny_model("llama"), ak.LoraConfig(r=2, alpha=4, rank_pattern={"v_proj": 4},
+                                                           alpha_pattern={"v_proj": 2.0}), name="a")
+    ak.adapt(adapted, ak.LoraConfig(r=3, alpha=6, use_rslora=True), name="b")
+    randomize(adapted, "a", 1)
+    randomize(adapted, "b", 2)
     adapted.set_active("a", "b")
     both = logits(adapted)
     adapted.add_weighted_adapter(["a", "b"], [1.0, 1.0], "cat", combination="cat")
     adapted.set_active("cat")
     assert (logits(adapted) - both).abs().max() <= 1e-5
-    assert adapted.records["cat"].parts[Q0].lora_A.shape[0] == 5
+    parts = adapted.records["cat"].parts
+    assert parts[Q0].lora_A.shape[0] == 5 and parts["model.layers.0.self_attn.v_proj"].lora_A.shape[0] == 7
 
 
 @torch.no_grad()
@@ -250,6 +255,33 @@ def test_same_update_and_logits_as_peft(how, monkeypatch):
     peft_model.set_adapter("m")
     adapted.set_active("m")
     assert (logits(adapted) - logits(tiny_model("llama"))).abs().max() > 1e-3
+    assert (logits(adapted) - logits(peft_model)).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("how", ["svd", "ties"])
+def test_same_update_as_peft_on_a_transposed_layer(how):
+    """GPT-2's Conv1D keeps its weight as (in, out): the combined factors still give PEFT's update."""
+    config = dict(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    peft_model = peft.get_peft_model(tiny_model("gpt2"), peft.LoraConfig(lora_alpha=4, **config), adapter_name="x")
+    peft_model.add_adapter("y", peft.LoraConfig(lora_alpha=2, **config))
+    adapted = ak.adapt(tiny_model("gpt2"), ak.LoraConfig(r=2, alpha=4, target_modules=["c_attn"]), name="x")
+    ak.adapt(adapted, ak.LoraConfig(r=2, alpha=2, target_modules=["c_attn"]), name="y")
+    generator = torch.Generator().manual_seed(3)
+    for key, p in peft_model.named_parameters():
+        if ".lora_" in key:
+            module, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
+            factor, name, _ = rest.split(".")
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+            adapted.adapter_state_dict(name)[f"{module}.lora_{factor}"].copy_(p)
+    options = {"density": 0.6} if how == "ties" else {}
+    peft_model.add_weighted_adapter(["x", "y"], [0.6, 0.9], "m", combination_type=how, **options)
+    adapted.add_weighted_adapter(["x", "y"], [0.6, 0.9], "m", combination=how, **options)
+    for path, part in adapted.records["m"].parts.items():
+        theirs = peft_model.base_model.model.get_submodule(path).get_delta_weight("m")
+        assert part.delta_weight().abs().max() > 1e-3 and (part.delta_weight() - theirs).abs().max() <= 1e-5, path
+    peft_model.set_adapter("m")
+    adapted.set_active("m")
     assert (logits(adapted) - logits(peft_model)).abs().max() <= 1e-5
 
 
