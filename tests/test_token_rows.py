@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers as T
 from safetensors import safe_open
+from safetensors.torch import load_file
 from tiny_models import tiny_config, tiny_tokenizer
 
 import adapterkit as ak
@@ -196,6 +197,14 @@ def test_cli_trains_and_generate_reads_the_tokens(model_dir, tmp_path):
     adapted.tokenizer = tokenizer
     ak.load(adapted, adapter)
     assert tokenizer.convert_tokens_to_ids(NEW) == [100, 101] and model.config.vocab_size == 102
+    ids = tokenizer([TEXT], return_tensors="pt")["input_ids"]
+    want = logits(adapted, ids)
+    assert main(["merge", "--adapter", str(adapter), "--model", str(folder), "--output", str(tmp_path / "merged")]) == 0
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # plain transformers
+    merged_tokenizer = T.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert merged.get_input_embeddings().weight.shape[0] == 102
+    assert merged_tokenizer(TEXT, return_tensors="pt")["input_ids"].tolist() == ids.tolist()
+    torch.testing.assert_close(logits(merged, ids), want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("tokens, says", [("a", "'a' is already in the vocabulary"),
@@ -215,3 +224,30 @@ def test_bad_tokens_in_the_api():
         LoraConfig(new_tokens=["<a>", " "])
     with pytest.raises(AdapterkitError, match="tokenizer"):
         ak.adapt(fresh_base(False), LoraConfig(new_tokens=["<a>"]))  # no tokenizer to add them to
+
+
+def test_resume_continues_the_rows_bit_identically(model_dir, tmp_path):
+    import shutil
+
+    folder, data = model_dir
+    for run in ("whole", "resumed"):
+        assert main([*_args(folder, data, tmp_path / run, "<tool>,<eot>"), "--save-steps", "2", "--max-steps",
+                     "4"]) == 0
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-0000004")
+    shutil.rmtree(tmp_path / "resumed" / "last")
+    assert main([*_args(folder, data, tmp_path / "resumed", "<tool>,<eot>"), "--save-steps", "2", "--max-steps", "4",
+                 "--resume", "auto"]) == 0  # a fresh base and tokenizer: the tokens get the same ids again
+    whole, resumed = (load_file(tmp_path / run / "last" / "adapter_model.safetensors") for run in ("whole", "resumed"))
+    assert sorted(k for k in whole if k.endswith(".rows")) == ["lm_head.rows", "model.embed_tokens.rows"]
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_mixed_batch_rows_equal_their_own_runs(tied):
+    adapted, tokenizer, ids = trained(tied)
+    ak.adapt(adapted, LoraConfig(r=2, init="gaussian"), name="plain")
+    names = ["default", "plain"]
+    mixed = adapted(input_ids=ids, adapter_names=names).logits.detach()
+    for row, name in enumerate(names):
+        adapted.set_active(name)
+        torch.testing.assert_close(mixed[row], logits(adapted, ids[row:row + 1])[0], rtol=0, atol=1e-5)
