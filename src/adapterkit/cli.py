@@ -178,13 +178,19 @@ def train_settings(given: dict, method_flags: dict, yaml_path: str | None):
 
 # ----- printing the results ---------------------------------------------------------------------
 def cmd_methods(_) -> None:
+    from .config import AdapterConfig
     from .methods import METHODS
 
+    common = AdapterConfig.options()  # options of every method, listed once
     for method in METHODS.values():
         merge_note = "mergeable" if method.mergeable else "not mergeable"
         print(f"{method.name}  [{method.family}, {merge_note}]  {method.summary}")
         for o in method.config_class.options():
-            print(f"    {o.flag:<22} {o.type_name:<24} default {o.default!r:<10} {o.help}")
+            if o.name not in {c.name for c in common}:
+                print(f"    {o.flag:<22} {o.type_name:<24} default {o.default!r:<10} {o.help}")
+    print("every method")
+    for o in common:
+        print(f"    {o.flag:<22} {o.type_name:<24} default {o.default!r:<10} {o.help}")
 
 
 def run_command(command: str, settings) -> int:

@@ -31,6 +31,7 @@ from .sites import (
     site_at,
     strip_positions,
 )
+from .token_rows import extend_vocabulary, token_row_parts
 
 
 @dataclass
@@ -73,9 +74,15 @@ class AdaptedModel(Merging, nn.Module):
         if name in self.records:
             raise AdapterkitError(f"an adapter named {name!r} exists already; delete() it or pick another name")
         method = get_method(config.method)
+        config = extend_vocabulary(self.causal_lm, self.tokenizer, config)  # before attaching: tables resized
         parts = method.attach(self, config.for_loaded_weights() if weights_follow else config)
         if not parts:
             raise AdapterkitError(f"{config.method}: the config selects no module of this model")
+        rows = token_row_parts(self, config)
+        if set(rows) & set(parts):
+            raise AdapterkitError(f"{config.method} already acts on {sorted(set(rows) & set(parts))[0]}, where the new "
+                                  "tokens' rows are kept; leave that module out of the method's targets")
+        parts.update(rows)
         device = next(self.causal_lm.parameters()).device
         for path, part in parts.items():
             part.to(device).train(self.causal_lm.training)  # new modules start in training mode; follow the model

@@ -20,6 +20,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterkitError, warn
 from ..methods import get_method
 from ..sites import EXPORTED, INPUTS, InputHook
+from ..token_rows import extend_vocabulary
 from . import fingerprint
 from .files import write_files
 
@@ -268,6 +269,7 @@ def load_adapter(adapted, directory: str | Path, name: str = "default", trainabl
     meta, tensors = read_adapter(directory)
     config = config_from_json(meta)
     check_loadable(meta, tensors, force)
+    config = extend_vocabulary(adapted.causal_lm, adapted.tokenizer, config)  # its tokens: the base as trained on
     check_base(meta.get("base_model"), base_identity(adapted), force)
     missing = missing_modules(meta, adapted.causal_lm)
     if missing:
