@@ -19,7 +19,9 @@ from .architectures import Architecture, ModelLayout
 from .config import AdapterConfig
 from .errors import AdapterkitError
 from .merging import Merging
+from .method_hooks import MethodHooks
 from .methods import get_method
+from .methods.combining import Combination
 from .sites import (
     AdapterSite,
     AdapterState,
@@ -30,6 +32,7 @@ from .sites import (
     site_at,
     strip_positions,
 )
+from .token_rows import extend_vocabulary, token_row_parts
 
 
 @dataclass
@@ -43,7 +46,7 @@ class AdapterRecord:
     trained_steps: int = 0  # set by the training recipe; a trained adapter must change the logits
 
 
-class AdaptedModel(Merging, nn.Module):
+class AdaptedModel(Merging, MethodHooks, nn.Module):
     """A causal LM with parameter-efficient adapters. Build it with `adapterkit.adapt`.
 
     `state_dict()` and `load_state_dict()` hold the adapter parameters only, so tools that
@@ -72,9 +75,15 @@ class AdaptedModel(Merging, nn.Module):
         if name in self.records:
             raise AdapterkitError(f"an adapter named {name!r} exists already; delete() it or pick another name")
         method = get_method(config.method)
+        config = extend_vocabulary(self.causal_lm, self.tokenizer, config)  # before attaching: tables resized
         parts = method.attach(self, config.for_loaded_weights() if weights_follow else config)
         if not parts:
             raise AdapterkitError(f"{config.method}: the config selects no module of this model")
+        rows = token_row_parts(self, config)
+        if set(rows) & set(parts):
+            raise AdapterkitError(f"{config.method} already acts on {sorted(set(rows) & set(parts))[0]}, where the new "
+                                  "tokens' rows are kept; leave that module out of the method's targets")
+        parts.update(rows)
         device = next(self.causal_lm.parameters()).device
         for path, part in parts.items():
             part.to(device).train(self.causal_lm.training)  # new modules start in training mode; follow the model
@@ -280,16 +289,22 @@ class AdaptedModel(Merging, nn.Module):
                 {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, name)
         return nn.modules.module._IncompatibleKeys([], [])
 
-    def add_weighted_adapter(self, names: list[str], weights: list[float], new_name: str,
-                             combination: str = "cat") -> None:
-        """A new adapter combining adapters of one method (LoRA: "cat", the exact weighted sum of the
-        updates, or "linear")."""
+    def add_weighted_adapter(self, names: list[str], weights: list[float], new_name: str, combination: str = "cat",
+                             density: float | None = None, majority_sign_method: str = "total",
+                             svd_rank: int | None = None, seed: int = 0) -> None:
+        """A new adapter combining adapters of one method, as PEFT's add_weighted_adapter (LoRA: cat, the
+        exact weighted sum of the updates; linear; svd; ties, dare_linear, dare_ties with `density`; their
+        *_svd forms). See methods/combining.py and the method's combine for the algebra."""
         if not names:
             raise AdapterkitError("add_weighted_adapter needs at least one adapter name")
+        how = Combination(combination, density, majority_sign_method, svd_rank, seed)
+        how.validate()
         methods = {self._record(n).config.method for n in names}
         if len(methods) > 1:
             raise AdapterkitError(f"adapters of different methods ({', '.join(sorted(methods))}) cannot be combined")
-        get_method(methods.pop()).combine(self, names, weights, new_name, combination)
+        get_method(methods.pop()).combine(self, names, weights, new_name, how)
+        # a combination of trained adapters must change the logits too (save and load check it)
+        self.records[new_name].trained_steps = max(self.records[n].trained_steps for n in names)
 
     def optimizer_groups(self, lr: float) -> list[dict]:
         """Trainable parameters grouped by learning rate (a method may scale some, as LoRA+ does B)."""
@@ -300,23 +315,6 @@ class AdaptedModel(Merging, nn.Module):
                 if p.requires_grad:
                     groups.setdefault(lr * method.lr_ratio(record.config, key), []).append(p)
         return [{"params": params, "lr": group_lr} for group_lr, params in groups.items()]
-
-    # ----- training hooks: the loop calls these; each adapter being trained gets its method's hook ----
-    def _trained(self) -> list[tuple]:
-        return [(get_method(r.config.method), r.name) for r in self.records.values()
-                if not r.merged and any(p.requires_grad for p in self._parameters_of(r).values())]
-
-    def start_training(self, total_steps: int) -> None:
-        for method, name in self._trained():
-            method.start_training(self, name, total_steps)
-
-    def extra_loss(self) -> torch.Tensor | None:
-        terms = [t for method, name in self._trained() if (t := method.extra_loss(self, name)) is not None]
-        return sum(terms) if terms else None
-
-    def after_optimizer_step(self, step: int) -> None:
-        for method, name in self._trained():
-            method.after_optimizer_step(self, name, step)
 
     def trainable_parameters(self) -> tuple[int, int, float]:
         """(trainable, total, percent) over the whole adapted model."""

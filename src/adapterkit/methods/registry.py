@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import AdapterkitError
+from .combining import Combination
 
 
 class Method:
@@ -54,8 +55,8 @@ class Method:
     def after_optimizer_step(self, adapted, name: str, step: int) -> None:
         """After optimizer step `step` (0-based), before the gradients are cleared: they may still be read."""
 
-    def combine(self, adapted, names: list[str], weights: list[float], new_name: str, combination: str) -> None:
-        """A new adapter `new_name` combining adapters `names` of this method."""
+    def combine(self, adapted, names: list[str], weights: list[float], new_name: str, how: Combination) -> None:
+        """A new adapter `new_name` combining adapters `names` of this method, weighted, as `how` says."""
         raise AdapterkitError(f"{self.name} adapters cannot be combined; add_weighted_adapter takes LoRA adapters")
 
 
