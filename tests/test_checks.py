@@ -126,3 +126,40 @@ def test_saved_weights_are_exactly_the_trainable_parameters(tmp_path):
     assert sum(t.numel() for t in tensors.values()) == adapted.trainable_parameters()[0]
     batch = tiny_batch()
     assert torch.equal(ak.load(tiny_model("llama"), tmp_path)(**batch).logits, adapted(**batch).logits)
+
+
+def _bf16_fingerprint(folder, adapted_shift):
+    """The saved fingerprint as if taken in bf16: the adapted logits moved by `adapted_shift(adapted, base)`."""
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    fp = meta["fingerprint"]
+    adapted, base = torch.tensor(fp["adapted"]), torch.tensor(fp["base"])
+    fp["adapted"], fp["dtype"] = adapted_shift(adapted, base).tolist(), "bfloat16"
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+    return (adapted - base).abs().max() / adapted.abs().max()
+
+
+def test_fingerprint_taken_in_another_precision(tmp_path):
+    """bf16 noise beyond bf16's 5% tolerance passes while the adapter's own change is there (< 50% off);
+    an adapter whose change points elsewhere is refused."""
+    for case, shift, ok in [
+        ("noisy", lambda a, b: a + 0.08 * a.abs().max() * torch.sign(torch.randn(a.shape)) + 0.2 * (a - b), True),
+        ("reversed", lambda a, b: 2 * b - a, False),  # the saved change is the opposite of what the weights give
+    ]:
+        folder = tmp_path / case
+        _trained_lora().save(folder)
+        torch.manual_seed(0)
+        size = _bf16_fingerprint(folder, shift)
+        if ok:
+            ak.load(tiny_model("llama"), folder)
+        else:
+            assert size > 0.025  # twice the change exceeds bf16's tolerance on the logits too
+            with pytest.raises(ak.AdapterkitError, match="the adapter's change by 2 > 0.5"):
+                ak.load(tiny_model("llama"), folder)
+    folder = tmp_path / "same-precision"  # the change rule is only for a fingerprint of another precision
+    _trained_lora().save(folder)
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    meta["fingerprint"]["adapted"] = [[v + 1e-2 for v in row] for row in meta["fingerprint"]["adapted"]]
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ak.AdapterkitError, match="drift from the saved fingerprint") as info:
+        ak.load(tiny_model("llama"), folder)
+    assert "change" not in str(info.value)

@@ -15,6 +15,9 @@ PROBE_POSITIONS = (3, 7, 11, 15)
 PROBE_VOCAB = 16  # logits kept at this many fixed vocabulary indices per position
 # Largest relative drift (max |a - b| / max |b|) accepted for the weights' dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+# Across precisions, the largest drift of the adapter's own change (adapted - base logits) relative to its
+# size: bf16 vs fp32 rounding moved it by 14-34% for the study's adapters (135M model), a missing adapter by 100%.
+CROSS_PRECISION = 0.5
 
 
 def probe_ids(vocab_size: int) -> torch.Tensor:
@@ -103,9 +106,16 @@ def check(adapted, name: str, saved: dict | None, trained_steps: int = 0) -> dic
                                   f"(relative drift {base_drift:.2g} > {tolerance:g}): this is another base model; "
                                   "load the adapter's own base, or pass --force")
         now["drift"] = relative_drift(torch.tensor(now["adapted"]), saved_adapted)
-        if not now["drift"] <= tolerance:
+        # Taken in another precision (trained in bf16, loaded in fp32), an adapter can amplify the rounding noise
+        # of the whole forward past bf16's tolerance; then its own change (adapted - base) must still be there:
+        # an adapter not applied, or applied to other modules, moves that change by about 100% of itself.
+        change_drift = relative_drift(torch.tensor(now["adapted"]) - torch.tensor(now["base"]),
+                                      saved_adapted - saved_base)
+        if not (now["drift"] <= tolerance or saved_dtype != dtype and change_drift <= CROSS_PRECISION):
             raise AdapterkitError(f"the adapted model's probe logits drift from the saved fingerprint by "
-                                  f"{now['drift']:.2g} (> {tolerance:g} for {dtype}); the adapter is not applied "
+                                  f"{now['drift']:.2g} (> {tolerance:g} for {dtype}"
+                                  + (f"; the adapter's change by {change_drift:.2g} > {CROSS_PRECISION:g}"
+                                     if saved_dtype != dtype else "") + "); the adapter is not applied "
                                   "as it was saved (modules renamed, weights altered, or another base)")
     if trained_steps > 0 and now["max_change"] == 0.0:
         raise AdapterkitError(f"adapter {name!r} was trained for {trained_steps} steps but gives exactly the base "
