@@ -134,3 +134,15 @@ def test_study_training_sources_take_equal_shares(layout, tmp_path):
     assert len(records) == 2 * len(RECORDS)  # the 100 boolq records are cut to the file's 36
     assert sum(r.get("source") == "boolq" for r in records) == len(RECORDS)
     assert json.loads((tmp_path / "s" / "train_sources.json").read_text()) == {str(train): 36, "commonsense": 36}
+
+
+def test_progress_time_left_ignores_items_a_resume_skips(monkeypatch, capsys):
+    clock = iter([0.0, 0.1, 0.2, 60.2, 180.2])  # two skipped items, then items of 60 s and 120 s
+    monkeypatch.setattr(study_module.time, "time", lambda: next(clock))
+    progress = study_module.Progress(6)
+    for name in "abcde":
+        progress.step(name)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == ["study: 2 of 6: b", "study: 3 of 6: c"]  # nothing measured yet
+    assert lines[3] == "study: 4 of 6: d, about 3 min left"  # d, e, f left at the 60 s that c took
+    assert lines[4] == "study: 5 of 6: e, about 3 min left"  # e, f left at the mean of 60 s and 120 s
