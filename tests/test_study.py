@@ -4,6 +4,7 @@ files and plots, resume retrains nothing finished, bad input gets one line."""
 import json
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
@@ -138,7 +139,7 @@ def test_study_training_sources_take_equal_shares(layout, tmp_path):
 
 def test_progress_time_left_ignores_items_a_resume_skips(monkeypatch, capsys):
     clock = iter([0.0, 0.1, 0.2, 60.2, 180.2])  # two skipped items, then items of 60 s and 120 s
-    monkeypatch.setattr(study_module.time, "time", lambda: next(clock))
+    monkeypatch.setattr(study_module, "time", SimpleNamespace(time=lambda: next(clock)))
     progress = study_module.Progress(6)
     for name in "abcde":
         progress.step(name)
