@@ -138,7 +138,7 @@ def test_study_training_sources_take_equal_shares(layout, tmp_path):
 
 
 def test_progress_time_left_ignores_items_a_resume_skips(monkeypatch, capsys):
-    clock = iter([0.0, 0.1, 0.2, 60.2, 180.2])  # two skipped items, then items of 60 s and 120 s
+    clock = iter([0.0, 0.0, 0.1, 0.2, 60.2, 180.2])  # start; a; two skipped items; items of 60 s and 120 s
     monkeypatch.setattr(study_module, "time", SimpleNamespace(time=lambda: next(clock)))
     progress = study_module.Progress(6)
     for name in "abcde":
