@@ -147,3 +147,29 @@ def test_progress_time_left_ignores_items_a_resume_skips(monkeypatch, capsys):
     assert lines[1:3] == ["study: 2 of 6: b", "study: 3 of 6: c"]  # nothing measured yet
     assert lines[3] == "study: 4 of 6: d, about 3 min left"  # d, e, f left at the 60 s that c took
     assert lines[4] == "study: 5 of 6: e, about 3 min left"  # e, f left at the mean of 60 s and 120 s
+
+
+@pytest.mark.parametrize("best, expected", [
+    (10 ** -2.4, [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),  # best beyond the top: extended until the loss rises
+    (1e-9, [1e-4, 3e-4, 1e-3, 3e-5, 1e-5, 3e-6]),  # falling all the way down: at most 3 more rates
+    (3e-4, [1e-4, 3e-4, 1e-3]),  # best inside the sweep: nothing added
+])
+def test_auto_sweep_extends_past_an_edge(monkeypatch, tmp_path, best, expected):
+    import math
+
+    tried = []
+
+    def pilot(settings, method, lr, *rest):
+        tried.append(lr)
+        return {"best_val_loss": (math.log10(lr) - math.log10(best)) ** 2}
+
+    monkeypatch.setattr(study_module, "_train", pilot)
+    settings = SimpleNamespace(lrs=["auto"], seeds=[1], pilot_steps=2, val_set_size=8)
+    progress = study_module.Progress(3)
+    sweep = study_module._sweep(settings, "lora", [1e-4, 3e-4, 1e-3], tmp_path, progress)
+    assert tried == pytest.approx(expected) and sorted(sweep) == pytest.approx(sorted(expected))
+    assert progress.total == len(expected)
+    settings.lrs = ["1e-4", "3e-4", "1e-3"]  # rates the user gave are kept as given
+    tried.clear()
+    study_module._sweep(settings, "lora", [1e-4, 3e-4, 1e-3], tmp_path, study_module.Progress(3))
+    assert tried == [1e-4, 3e-4, 1e-3]

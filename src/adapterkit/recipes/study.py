@@ -5,14 +5,17 @@ study_report.py writes the leaderboard and plots. Finished runs and evaluations 
 
 Learning-rate rule (`--lrs auto`): the three rates each method declares as `study_lrs`, around the rate
 it usually trains at (LoRA and bottleneck adapters 1e-4, 3e-4, 1e-3; prompt methods 1e-2, 3e-2, 1e-1;
-(IA)3 and VeRA higher), `--pilot-steps` steps each on the first seed; the rate with the lowest validation
-loss trains the full budget. A pilot that fails (diverges, or leaves the model unchanged) counts as the
+(IA)3 and VeRA higher), `--pilot-steps` steps each on the first seed. When the lowest validation loss
+is at an end of the sweep, the next rate past that end on the 1-3-10 grid is piloted too (at most 3 each
+way), so a method whose good rates lie outside its declared three is not ranked at a bad one. The rate
+with the lowest validation loss trains the full budget. A pilot that fails (diverges, or leaves the model unchanged) counts as the
 worst rate and is recorded as such; the study stops only when every pilot of a method fails.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -216,6 +219,48 @@ def _evaluate(settings: StudySettings, name: str, adapter: Path | None, task: st
                                  precision="fp32", progress=False))
 
 
+EXTEND = 3  # --lrs auto: at most this many rates added past either end of a method's sweep
+
+
+def next_rate(lr: float, up: bool) -> float:
+    """The neighbour of lr on the 1-3-10 grid (1e-3 -> 3e-3 -> 1e-2), rounded to 2 significant digits."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = lr / 10 ** exponent
+    grid = [0.3, 1, 3, 10, 30]
+    index = min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / mantissa)))
+    return float(f"{grid[index + (1 if up else -1)] * 10 ** exponent:.2g}")
+
+
+def _sweep(settings: StudySettings, method: str, rates: list[float], out: Path, progress: Progress) -> dict:
+    """Validation loss of each pilot rate (None: failed). With --lrs auto, a best rate at an end of the
+    sweep is not trusted: the next rate past that end is tried too, up to EXTEND times each way."""
+    sweep: dict[float, float | None] = {}
+    queue, added = list(rates), {True: 0, False: 0}
+    while queue:
+        lr = queue.pop(0)
+        progress.step(f"{method} pilot at lr {lr:g}")
+        folder, sweep[lr] = out / "runs" / method / f"pilot-lr{lr:g}", None
+        if not (folder / "failed.txt").is_file():  # failed before: it would again (seeded, same data)
+            try:
+                sweep[lr] = _train(settings, method, lr, settings.seeds[0], settings.pilot_steps, folder,
+                                   settings.val_set_size)["best_val_loss"]
+            except AdapterkitError as exc:  # a rate too small or too large: the worst of the sweep
+                print(f"study: {exc}; that rate counts as failed", flush=True)
+                write_files(folder, {"failed.txt": f"{exc}\n"}, {})  # atomic, as every file the study writes
+        tried = {r: loss for r, loss in sweep.items() if loss is not None}
+        if queue or not tried or settings.lrs != ["auto"]:
+            continue
+        best = min(tried, key=tried.get)
+        for up, edge in ((True, max(sweep)), (False, min(sweep))):
+            if best == edge and added[up] < EXTEND:
+                added[up] += 1
+                progress.total += 1
+                queue.append(next_rate(edge, up))
+    if not any(loss is not None for loss in sweep.values()):
+        raise AdapterkitError(f"every learning-rate pilot of {method} failed ({sorted(sweep)}); give rates with --lrs")
+    return sweep
+
+
 class Progress:
     """`study: 3 of 18: lora lr 3e-04 seed 1, about 12 min left`, from the mean time of the items that did
     work (an item a resumed study finds done takes well under a second and does not count)."""
@@ -246,21 +291,7 @@ def study(settings: StudySettings) -> dict:
                         + (1 + len(settings.methods) * len(settings.seeds)) * len(settings.tasks))
     runs: dict[str, dict] = {}
     for method, rates in plan.items():
-        sweep = {}
-        if len(rates) > 1:
-            for lr in rates:
-                progress.step(f"{method} pilot at lr {lr:g}")
-                folder, sweep[lr] = out / "runs" / method / f"pilot-lr{lr:g}", None
-                if (folder / "failed.txt").is_file():  # failed before: it would again (seeded, same data)
-                    continue
-                try:
-                    sweep[lr] = _train(settings, method, lr, settings.seeds[0], settings.pilot_steps, folder,
-                                       settings.val_set_size)["best_val_loss"]
-                except AdapterkitError as exc:  # a rate too small or too large: the worst of the sweep
-                    print(f"study: {exc}; that rate counts as failed", flush=True)
-                    write_files(folder, {"failed.txt": f"{exc}\n"}, {})  # atomic, as every file the study writes
-            if all(loss is None for loss in sweep.values()):
-                raise AdapterkitError(f"every learning-rate pilot of {method} failed ({rates}); give rates with --lrs")
+        sweep = _sweep(settings, method, rates, out, progress) if len(rates) > 1 else {}
         tried = {lr: loss for lr, loss in sweep.items() if loss is not None}
         chosen = min(tried, key=tried.get) if tried else rates[0]
         steps = steps_for(settings, out)
@@ -278,5 +309,5 @@ def study(settings: StudySettings) -> dict:
             for seed, entry in info["seeds"].items():
                 progress.step(f"{method} seed {seed} on {task}")
                 evals.setdefault(method, {}).setdefault(task, []).append(
-                    _evaluate(settings, f"{method}-seed{seed}", Path(entry["folder"]), task, out))
+                    _evaluate(settings, f"{method}-{Path(entry['folder']).name}", Path(entry["folder"]), task, out))
     return write_report(settings, out, runs, evals)
