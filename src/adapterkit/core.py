@@ -75,6 +75,7 @@ class AdaptedModel(Merging, nn.Module):
         parts = method.attach(self, config.for_loaded_weights() if weights_follow else config)
         if not parts:
             raise AdapterkitError(f"{config.method}: the config selects no module of this model")
+        self._refuse_shared_base_change(name, parts)
         device = next(self.causal_lm.parameters()).device
         for path, part in parts.items():
             part.to(device).train(self.causal_lm.training)  # new modules start in training mode; follow the model
@@ -90,6 +91,22 @@ class AdaptedModel(Merging, nn.Module):
             self.set_active(name)
         return record
 
+    def _refuse_shared_base_change(self, name: str, parts: dict[str, nn.Module]) -> None:
+        """An adapter that rewrote a base weight shares that layer with no other adapter: the other one
+        would run on a base it was not made for."""
+        for path, part in parts.items():
+            site = self.causal_lm.get_submodule(path)
+            others = getattr(site, "effects", {}) if isinstance(part, Effect) else {}
+            clash = next((other for other, effect in others.items() if effect.changes_base or part.changes_base), None)
+            if clash is not None:
+                for new in parts.values():  # undo this adapter's own base changes
+                    if isinstance(new, Effect) and new.changes_base:
+                        new.restore_base()
+                changer = clash if others[clash].changes_base else name
+                raise AdapterkitError(f"adapter {changer!r} rewrote the base weight of {path} (its LoRA init), so "
+                                      f"adapters {clash!r} and {name!r} cannot share that layer; use another model "
+                                      "instance, or target other modules")
+
     def delete(self, name: str) -> None:
         """Remove an adapter and its parts; sites left empty are unwrapped."""
         record = self._record(name)
@@ -100,6 +117,8 @@ class AdaptedModel(Merging, nn.Module):
                 del self.input_hooks[name]
                 continue
             site = self.causal_lm.get_submodule(path)
+            if part.changes_base:
+                part.restore_base()
             del site.effects[name]
             if not site.effects and not site.checkpointed:
                 replace_module(self.causal_lm, path, site.base_layer)

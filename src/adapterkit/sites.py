@@ -24,6 +24,11 @@ class Effect(nn.Module):
     replaces_base = False    # run instead of the base module (a trained copy)
     mergeable = False
     row_wise = True          # its input keeps the batch rows on dim 0, so a mixed batch can give it some rows
+    # It rewrote its base layer's weight when attached (LoRA's PiSSA/OLoRA/LoftQ starts): it then holds
+    # `base_change` (tensors saved beside the weights that rebuild the change from the original weight,
+    # keyed PART_PATH.BASE_CHANGE.NAME), `rebuild_base(tensors)` and `restore_base()`; no other adapter
+    # may share its site.
+    changes_base = False
 
     def on_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -66,6 +71,7 @@ class Effect(nn.Module):
 
 INPUTS = "prompt"    # the key of an adapter's InputHook among its parts (as saved files since 0.1 name it)
 EXPORTED = "final"   # tensors a part saves beside its weights are keyed PART_PATH.EXPORTED
+BASE_CHANGE = "base_change"  # ... and those that rebuild a changed base weight PART_PATH.BASE_CHANGE.NAME
 
 
 class InputHook(nn.Module):
