@@ -21,6 +21,7 @@ from tiny_models import tiny_batch, tiny_model
 
 import adapterkit as ak
 from adapterkit.errors import AdapterkitError
+from adapterkit.io.gguf import lora_tensors
 from adapterkit.methods.lora_init import changed_base, starting_values
 
 R, ALPHA = 4, 8
@@ -225,6 +226,8 @@ def test_refusals_leave_the_base_unchanged(tmp_path):
     pissa = ak.adapt(tiny_model("llama"), ak.LoraConfig(r=R, init="pissa"))
     with pytest.raises(AdapterkitError, match="'default' rewrote the base weight"):
         pissa.add_adapter(ak.LoraConfig(r=R, target_modules=["v_proj"]), "plain")
+    with pytest.raises(AdapterkitError, match="rewrote the base"):  # a GGUF LoRA applies to the original base
+        lora_tensors(pissa, "default")
     loftq = ak.adapt(tiny_model("llama"), ak.LoraConfig(r=R, alpha=R, init="loftq"))
     with pytest.raises(AdapterkitError, match="LoftQ adapter fits only"):
         ak.save(loftq, tmp_path / "p", format="peft")

@@ -95,8 +95,7 @@ class AdaptedModel(Merging, nn.Module):
         """An adapter that rewrote a base weight shares that layer with no other adapter: the other one
         would run on a base it was not made for."""
         for path, part in parts.items():
-            site = self.causal_lm.get_submodule(path)
-            others = getattr(site, "effects", {}) if isinstance(part, Effect) else {}
+            others = getattr(self.causal_lm.get_submodule(path), "effects", {}) if isinstance(part, Effect) else {}
             clash = next((other for other, effect in others.items() if effect.changes_base or part.changes_base), None)
             if clash is not None:
                 for new in parts.values():  # undo this adapter's own base changes
