@@ -9,6 +9,7 @@ against PEFT's own pieces (its _low_rank_decomposition, bitsandbytes' Params4bit
 """
 
 import importlib.util
+import json
 
 import peft
 import peft.tuners.lora.layer as peft_lora_layer
@@ -18,8 +19,10 @@ from peft.utils.loftq_utils import _low_rank_decomposition
 from peft_oracle import assert_merges_like_unmerged, assert_same_training, logits
 from safetensors.torch import load_file
 from tiny_models import tiny_batch, tiny_model
+from transformers import AutoModelForCausalLM
 
 import adapterkit as ak
+from adapterkit.cli import main
 from adapterkit.errors import AdapterkitError
 from adapterkit.io.gguf import lora_tensors
 from adapterkit.methods.lora_init import changed_base, starting_values
@@ -232,3 +235,28 @@ def test_refusals_leave_the_base_unchanged(tmp_path):
     with pytest.raises(AdapterkitError, match="LoftQ adapter fits only"):
         ak.save(loftq, tmp_path / "p", format="peft")
     assert not (tmp_path / "p").exists()
+
+
+def test_cli_trains_merges_and_refuses(tiny_llama_dir, tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}."}
+                                for a in range(4) for b in range(4)]))
+    args = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "--batch-size", "4", "--max-steps", "2",
+            "--learning-rate", "1e-2", "--cutoff-len", "32", "--val-set-size", "4", "--template", "bare",
+            "--lora-r", "4"]
+    assert main([*args, "--output", str(tmp_path / "run"), "--lora-init", "pissa_niter_2"]) == 0
+    batch = tiny_batch()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    adapted = ak.load(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), tmp_path / "run")
+    assert (logits(adapted, batch) - logits(base, batch)).abs().max() > 1e-4  # trained, on the rebuilt base
+    assert main(["merge", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "run"),
+                 "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(merged, batch) - logits(adapted, batch)).abs().max() <= 1e-5
+    for bad, words in ((["--lora-init", "pissa_niter_x"], "pissa_niter_N must be a positive integer"),
+                       (["--lora-init", "olora", "--quantize", "nf4"], "--quantize none")):
+        capsys.readouterr()
+        assert main([*args, "--output", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "bad" / "adapter_model.safetensors").exists()
