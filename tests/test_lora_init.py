@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 import adapterkit as ak
 from adapterkit.cli import main
 from adapterkit.errors import AdapterkitError
+from adapterkit.io import hotswap
 from adapterkit.io.gguf import lora_tensors
 from adapterkit.methods.lora_init import changed_base, starting_values
 
@@ -48,7 +49,8 @@ def _pair(family: str, init: str, **extra):
         r=R, lora_alpha=ALPHA, target_modules=TARGETS[family], init_lora_weights=init,
         fan_in_fan_out=family == "gpt2", **extra)).eval()
     adapted = ak.adapt(tiny_model(family), ak.LoraConfig(r=R, alpha=ALPHA, target_modules=TARGETS[family],
-                                                         init=init, use_rslora=extra.get("use_rslora", False)))
+                                                         init=init, use_rslora=extra.get("use_rslora", False),
+                                                         rank_pattern=extra.get("rank_pattern", {})))
     return peft_model, adapted.eval()
 
 
@@ -99,10 +101,10 @@ def test_start_and_training_match_peft(family, init, seeded_peft_svd):
     assert_merges_like_unmerged(adapted)
 
 
-@pytest.mark.parametrize(("family", "init", "rslora"), [("llama", "pissa", False), ("llama", "olora", True),
-                                                        ("gpt2", "pissa", False)])
-def test_converted_export_loads_in_peft_on_original_base(family, init, rslora, tmp_path):
-    peft_model, adapted = _pair(family, init, use_rslora=rslora)
+@pytest.mark.parametrize(("family", "init", "rslora", "ranks"), [
+    ("llama", "pissa", False, {"v_proj": 2}), ("llama", "olora", True, {}), ("gpt2", "pissa", False, {})])
+def test_converted_export_loads_in_peft_on_original_base(family, init, rslora, ranks, tmp_path):
+    peft_model, adapted = _pair(family, init, use_rslora=rslora, rank_pattern=ranks)
     peft_model.peft_config["default"].init_lora_weights = True  # PEFT's documented recipe: save the start
     peft_model.save_pretrained(tmp_path / "start")
     peft_model.peft_config["default"].init_lora_weights = init
@@ -231,6 +233,9 @@ def test_refusals_leave_the_base_unchanged(tmp_path):
         pissa.add_adapter(ak.LoraConfig(r=R, target_modules=["v_proj"]), "plain")
     with pytest.raises(AdapterkitError, match="rewrote the base"):  # a GGUF LoRA applies to the original base
         lora_tensors(pissa, "default")
+    pissa.save(tmp_path / "pissa")
+    with pytest.raises(AdapterkitError, match="cannot hot-swap"):  # its base fits the old start only
+        hotswap(pissa, tmp_path / "pissa", "default")
     loftq = ak.adapt(tiny_model("llama"), ak.LoraConfig(r=R, alpha=R, init="loftq"))
     with pytest.raises(AdapterkitError, match="LoftQ adapter fits only"):
         ak.save(loftq, tmp_path / "p", format="peft")
