@@ -265,3 +265,35 @@ def test_cli_trains_merges_and_refuses(tiny_llama_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "bad" / "adapter_model.safetensors").exists()
+
+
+def test_resumed_run_rebuilds_the_same_base(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """A run killed after its first checkpoint and resumed ends where an uninterrupted run ends: the
+    randomised SVD draws the same start again (seeded), so the resumed adapter runs on the same base."""
+    import adapterkit.io.checkpoint as checkpoint
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}."}
+                                for a in range(4) for b in range(4)]))
+
+    def args(out):
+        return ["train", "--model", str(tiny_llama_dir), "--data", str(data), "--output", str(out), "--batch-size",
+                "4", "--max-steps", "4", "--save-steps", "2", "--learning-rate", "1e-2", "--cutoff-len", "32",
+                "--val-set-size", "0", "--template", "bare", "--lora-r", "4", "--lora-init", "pissa_niter_2"]
+
+    assert main(args(tmp_path / "straight")) == 0
+    real_save, calls = checkpoint.save_tensors, {"n": 0}
+
+    def killed_at_second_checkpoint(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_tensors", killed_at_second_checkpoint)
+    assert main(args(tmp_path / "resumed")) == 130
+    monkeypatch.setattr(checkpoint, "save_tensors", real_save)
+    assert main([*args(tmp_path / "resumed"), "--resume", "auto"]) == 0
+    straight, resumed = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("straight", "resumed"))
+    assert sorted(straight) == sorted(resumed) and any(".base_change." in k for k in straight)
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
