@@ -101,6 +101,12 @@ def generate(w: World, adapter, *extra) -> list[str]:
             "--max-new-tokens", "2", *map(str, extra)]
 
 
+def combine(w: World, d: Path, *extra, other=None, weights="0.7,0.3") -> list[str]:
+    """A combine command that would succeed (the good adapter with `other`, default itself) but for `extra`."""
+    return ["combine", str(w.adapter), str(other or w.adapter), "--weights", weights, "--model", str(w.llama),
+            "--output", str(d / "combined"), *map(str, extra)]
+
+
 def evaluate(w: World, d: Path, *extra, adapter=None) -> list[str]:
     base = ["eval", "--model", str(w.llama), "--max-new-tokens", "2", "--output", str(d / "eval")]
     return base + (["--adapter", str(adapter)] if adapter else []) + list(map(str, extra))
@@ -483,6 +489,30 @@ CASES: list[tuple[str, Callable[[World, Path], list[str]], str]] = [
     ("plan-micro-batch-over-batch", lambda w, d: ["plan", "--model", str(w.llama), "--batch", "2",
                                                   "--micro-batch-size", "4"], "--micro-batch-size 4 exceeds --batch 2"),
     ("plan-model-missing", lambda w, d: ["plan", "--model", str(d / "none")], "no model config to read"),
+    # combine
+    ("combine-methods-differ", lambda w, d: combine(w, d, other=w.prompt), "combine adapters of one method"),
+    ("combine-bases-differ", lambda w, d: combine(w, d, other=adapter_copy(
+        w, d, put("base_model.config_sha256", "0" * 16))), "were trained on different base models (config_sha256"),
+    ("combine-base-weights-differ", lambda w, d: combine(w, d, other=adapter_copy(w, d, lambda m: m["fingerprint"].update(
+        base=[[v + 1.0 for v in row] for row in m["fingerprint"]["base"]]))), "(their base logits differ)"),
+    ("combine-modules-differ", lambda w, d: combine(w, d, other=_save_adapter(
+        w.llama, ak.LoraConfig(r=4, target_modules=["o_proj"]), d / "o")), "target different modules"),
+    ("combine-dora", lambda w, d: combine(w, d, other=_save_adapter(
+        w.llama, ak.LoraConfig(r=4, alpha=8, use_dora=True), d / "dora")), "is DoRA: its magnitudes"),
+    ("combine-weights-count", lambda w, d: combine(w, d, weights="1"),
+     "--weights gives 1 weight(s) for 2 adapter(s)"),
+    ("combine-density-zero", lambda w, d: combine(w, d, "--how", "ties", "--density", "0"),
+     "--density must be greater than 0"),
+    ("combine-density-over-one", lambda w, d: combine(w, d, "--how", "dare_ties", "--density", "1.5"),
+     "--density must be at most 1"),
+    ("combine-ties-without-density", lambda w, d: combine(w, d, "--how", "ties"), "needs a density"),
+    ("combine-density-with-cat", lambda w, d: combine(w, d, "--density", "0.5"), "density applies to ties and dare"),
+    ("combine-how-unknown", lambda w, d: combine(w, d, "--how", "mean"), "--how must be one of cat"),
+    ("combine-svd-rank-too-big", lambda w, d: combine(w, d, "--how", "svd", "--svd-rank", "999"), "exceeds"),
+    ("combine-output-not-empty", lambda w, d: [*combine(w, d), "--output", str(write(d, "c/x", "x").parent)],
+     "is not empty"),
+    ("combine-no-adapters", lambda w, d: ["combine", "--weights", "1", "--output", str(d / "c")],
+     "--adapters is required"),
 ]
 
 

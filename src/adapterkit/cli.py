@@ -16,12 +16,14 @@ from .errors import AdapterkitError
 from .settings import Parser, convert, flag_of, from_mapping, takes_list
 
 METHOD_OPTION = "method option "  # namespace prefix of the method flags
-_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_NUM = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+_NUMBER = re.compile(rf"^-{_NUM}(,\s*-?{_NUM})*$")  # a negative number, or a list of numbers starting with one
 
 
 def _commands() -> dict[str, tuple[str, type]]:
     """command -> (help, settings class)."""
     from .recipes.check import CheckSettings
+    from .recipes.combine import CombineSettings
     from .recipes.demo import DemoSettings
     from .recipes.evaluate import EvalSettings
     from .recipes.export import ExportSettings
@@ -43,6 +45,8 @@ def _commands() -> dict[str, tuple[str, type]]:
         "eval": ("evaluate a model (with an adapter) on an LLM-Adapters task file", EvalSettings),
         "verify": ("check an adapter folder: files, weights, base model, modules, fingerprint", VerifySettings),
         "merge": ("merge an adapter into the base and write a plain HF checkpoint", MergeSettings),
+        "combine": ("several adapters of one base, weighted, into a new adapter: cat, linear, svd, ties, "
+                    "dare_linear, dare_ties", CombineSettings),
         "export": ("write an adapter in another format: peft (Hugging Face PEFT), gguf, ollama", ExportSettings),
         "check": ("can a serving target (vllm, llamacpp, ollama, peft, tgi) carry the adapter as it is", CheckSettings),
         "serve": ("an OpenAI-compatible server for the base model and many adapters at once", ServeSettings),
@@ -63,7 +67,8 @@ def add_settings(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = meta.get("help", "") + ("" if default in (None, False) else f" (default: {default})")
         if meta.get("positional"):
-            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=text)
+            nargs = "*" if takes_list(typing.get_type_hints(cls)[f.name]) else "?"
+            parser.add_argument(f.name, nargs=nargs, default=argparse.SUPPRESS, help=text)
         elif (hint := typing.get_type_hints(cls)[f.name]) is bool:
             parser.add_argument(flag_of(f), *meta.get("aliases", ()), dest=f.name, default=argparse.SUPPRESS,
                                 action=argparse.BooleanOptionalAction, help=text)
@@ -173,13 +178,19 @@ def train_settings(given: dict, method_flags: dict, yaml_path: str | None):
 
 # ----- printing the results ---------------------------------------------------------------------
 def cmd_methods(_) -> None:
+    from .config import AdapterConfig
     from .methods import METHODS
 
+    common = AdapterConfig.options()  # options of every method, listed once
     for method in METHODS.values():
         merge_note = "mergeable" if method.mergeable else "not mergeable"
         print(f"{method.name}  [{method.family}, {merge_note}]  {method.summary}")
         for o in method.config_class.options():
-            print(f"    {o.flag:<22} {o.type_name:<24} default {o.default!r:<10} {o.help}")
+            if o.name not in {c.name for c in common}:
+                print(f"    {o.flag:<22} {o.type_name:<24} default {o.default!r:<10} {o.help}")
+    print("every method")
+    for o in common:
+        print(f"    {o.flag:<22} {o.type_name:<24} default {o.default!r:<10} {o.help}")
 
 
 def run_command(command: str, settings) -> int:
@@ -220,6 +231,12 @@ def run_command(command: str, settings) -> int:
         drift = merge(settings)
         print(f"merged checkpoint written to {settings.output} (largest logit change merged vs unmerged: "
               f"{drift:.2e})")
+    elif command == "combine":
+        from .recipes.combine import combine
+
+        done = combine(settings)
+        print(f"{done['how']} of {len(done['adapters'])} adapters written to {done['output']} ({done['method']}, rank "
+              f"{done['rank']}; largest probe logit change {done['max_logit_change']:.3g})")
     elif command == "export":
         from .recipes.export import export
 
@@ -267,7 +284,8 @@ def cmd_bench(bench_args: list[str]) -> int:
 
 
 def join_negative_numbers(argv: list[str]) -> list[str]:
-    """`--learning-rate -1e-3` as `--learning-rate=-1e-3`: argparse would read -1e-3 as a flag."""
+    """`--learning-rate -1e-3` as `--learning-rate=-1e-3` (and `--weights -1,0.5`): argparse would read -1e-3 as
+    a flag."""
     out: list[str] = []
     for token in argv:
         if out and out[-1].startswith("--") and "=" not in out[-1] and _NUMBER.match(token):

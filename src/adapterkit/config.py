@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from .errors import AdapterkitError
-from .settings import Option, check_fields, options_of
+from .settings import Option, check_fields, option, options_of
 
 
 @dataclass
@@ -15,10 +15,35 @@ class AdapterConfig:
     """Base of every method's config. Subclasses set `method` and implement `validate`."""
 
     method: ClassVar[str] = ""
+    # Trained token rows (token_rows.py), beside whatever the method trains: an option of every method.
+    new_tokens: list[str] | None = option(
+        None, "tokens to add to the vocabulary: only their embedding rows (and an untied output head's rows) train, "
+        "beside the method; saved with the adapter, which resizes its base when loaded")
+    token_ids: list[int] | None = option(None, "the ids of the trained token rows (set when the tokens are added)",
+                                         cli=False)
+    token_head: bool = option(True, "an untied output head trains the tokens' rows too", cli=False)
 
     def __post_init__(self) -> None:
         check_fields(self, lambda f: f"{self.method} {f.name}")
+        self._check_token_rows()
         self.validate()
+
+    def _check_token_rows(self) -> None:
+        tokens, ids = self.new_tokens, self.token_ids
+        if tokens is not None:
+            if not tokens or any(not isinstance(t, str) or not t.strip() for t in tokens):
+                raise AdapterkitError(f"{self.method} new_tokens holds an empty token ({tokens!r}); give non-empty "
+                                      "tokens separated by commas, e.g. --new-tokens '<tool>,<eot>'")
+            if len(set(tokens)) != len(tokens):
+                twice = next(t for t in tokens if tokens.count(t) > 1)
+                raise AdapterkitError(f"{self.method} new_tokens names {twice!r} twice; name each token once")
+        if ids is not None:
+            if not ids or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids) \
+                    or len(set(ids)) != len(ids):
+                raise AdapterkitError(f"{self.method} token_ids must be distinct non-negative ids, got {ids!r}")
+            if tokens is not None and len(tokens) != len(ids):
+                raise AdapterkitError(f"{self.method} has {len(tokens)} new_tokens but {len(ids)} token_ids; the "
+                                      "adapter config is corrupt")
 
     def validate(self) -> None:
         """Raise AdapterkitError naming the bad field and the accepted values."""
@@ -48,4 +73,5 @@ class AdapterConfig:
     @classmethod
     def options(cls) -> list[Option]:
         """Each option with its type, default, help and CLI flag: for `adapterkit methods` and the CLI."""
-        return options_of(cls)
+        hidden = {f.name for f in fields(cls) if not f.metadata.get("cli", True)}  # set by adapterkit, not a flag
+        return [o for o in options_of(cls) if o.name not in hidden]

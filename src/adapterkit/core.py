@@ -20,16 +20,19 @@ from .config import AdapterConfig
 from .errors import AdapterkitError
 from .merging import Merging
 from .methods import get_method
+from .methods.combining import Combination
 from .sites import (
     AdapterSite,
     AdapterState,
     Effect,
     InputHook,
     logical_modules,
+    refuse_shared_base_change,
     replace_module,
     site_at,
     strip_positions,
 )
+from .token_rows import extend_vocabulary, token_row_parts
 
 
 @dataclass
@@ -72,10 +75,16 @@ class AdaptedModel(Merging, nn.Module):
         if name in self.records:
             raise AdapterkitError(f"an adapter named {name!r} exists already; delete() it or pick another name")
         method = get_method(config.method)
+        config = extend_vocabulary(self.causal_lm, self.tokenizer, config)  # before attaching: tables resized
         parts = method.attach(self, config.for_loaded_weights() if weights_follow else config)
         if not parts:
             raise AdapterkitError(f"{config.method}: the config selects no module of this model")
-        self._refuse_shared_base_change(name, parts)
+        rows = token_row_parts(self, config)
+        if set(rows) & set(parts):
+            raise AdapterkitError(f"{config.method} already acts on {sorted(set(rows) & set(parts))[0]}, where the new "
+                                  "tokens' rows are kept; leave that module out of the method's targets")
+        parts.update(rows)
+        refuse_shared_base_change(self.causal_lm, name, parts)
         device = next(self.causal_lm.parameters()).device
         for path, part in parts.items():
             part.to(device).train(self.causal_lm.training)  # new modules start in training mode; follow the model
@@ -90,21 +99,6 @@ class AdaptedModel(Merging, nn.Module):
         if activate or (activate is None and not self.state.active):
             self.set_active(name)
         return record
-
-    def _refuse_shared_base_change(self, name: str, parts: dict[str, nn.Module]) -> None:
-        """An adapter that rewrote a base weight shares that layer with no other adapter: the other one
-        would run on a base it was not made for."""
-        for path, part in parts.items():
-            others = getattr(self.causal_lm.get_submodule(path), "effects", {}) if isinstance(part, Effect) else {}
-            clash = next((other for other, effect in others.items() if effect.changes_base or part.changes_base), None)
-            if clash is not None:
-                for new in parts.values():  # undo this adapter's own base changes
-                    if isinstance(new, Effect) and new.changes_base:
-                        new.restore_base()
-                changer = clash if others[clash].changes_base else name
-                raise AdapterkitError(f"adapter {changer!r} rewrote the base weight of {path} (its LoRA init), so "
-                                      f"adapters {clash!r} and {name!r} cannot share that layer; use another model "
-                                      "instance, or target other modules")
 
     def delete(self, name: str) -> None:
         """Remove an adapter and its parts; sites left empty are unwrapped."""
@@ -298,16 +292,22 @@ class AdaptedModel(Merging, nn.Module):
                 {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, name)
         return nn.modules.module._IncompatibleKeys([], [])
 
-    def add_weighted_adapter(self, names: list[str], weights: list[float], new_name: str,
-                             combination: str = "cat") -> None:
-        """A new adapter combining adapters of one method (LoRA: "cat", the exact weighted sum of the
-        updates, or "linear")."""
+    def add_weighted_adapter(self, names: list[str], weights: list[float], new_name: str, combination: str = "cat",
+                             density: float | None = None, majority_sign_method: str = "total",
+                             svd_rank: int | None = None, seed: int = 0) -> None:
+        """A new adapter combining adapters of one method, as PEFT's add_weighted_adapter (LoRA: cat, the
+        exact weighted sum of the updates; linear; svd; ties, dare_linear, dare_ties with `density`; their
+        *_svd forms). See methods/combining.py and the method's combine for the algebra."""
         if not names:
             raise AdapterkitError("add_weighted_adapter needs at least one adapter name")
+        how = Combination(combination, density, majority_sign_method, svd_rank, seed)
+        how.validate()
         methods = {self._record(n).config.method for n in names}
         if len(methods) > 1:
             raise AdapterkitError(f"adapters of different methods ({', '.join(sorted(methods))}) cannot be combined")
-        get_method(methods.pop()).combine(self, names, weights, new_name, combination)
+        get_method(methods.pop()).combine(self, names, weights, new_name, how)
+        # a combination of trained adapters must change the logits too (save and load check it)
+        self.records[new_name].trained_steps = max(self.records[n].trained_steps for n in names)
 
     def optimizer_groups(self, lr: float) -> list[dict]:
         """Trainable parameters grouped by learning rate (a method may scale some, as LoRA+ does B)."""

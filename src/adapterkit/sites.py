@@ -331,3 +331,19 @@ def site_at(root: nn.Module, path: str, state: AdapterState) -> AdapterSite:
     site.train(module.training)
     replace_module(root, path, site)
     return site
+
+
+def refuse_shared_base_change(root: nn.Module, name: str, parts: dict[str, nn.Module]) -> None:
+    """An adapter that rewrote a base weight shares that layer with no other adapter: the other one would
+    run on a base it was not made for. Before refusing, the new adapter's own base changes are undone."""
+    for path, part in parts.items():
+        others = getattr(root.get_submodule(path), "effects", {}) if isinstance(part, Effect) else {}
+        clash = next((other for other, effect in others.items() if effect.changes_base or part.changes_base), None)
+        if clash is not None:
+            for new in parts.values():
+                if isinstance(new, Effect) and new.changes_base:
+                    new.restore_base()
+            changer = clash if others[clash].changes_base else name
+            raise AdapterkitError(f"adapter {changer!r} rewrote the base weight of {path} (its LoRA init), so adapters "
+                                  f"{clash!r} and {name!r} cannot share that layer; use another model instance, or "
+                                  "target other modules")

@@ -20,12 +20,16 @@ from ..config import AdapterConfig
 from ..errors import AdapterkitError, warn
 from ..methods import get_method
 from ..sites import BASE_CHANGE, EXPORTED, INPUTS, InputHook
+from ..token_rows import extend_vocabulary
 from . import fingerprint
 from .files import write_files
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
+# The base identity entries that must agree for an adapter to belong to a base model.
+IDENTITY_KEYS = ("model_type", "architecture", "hidden_size", "num_layers", "vocab_size", "config_sha256",
+                 "vocab_sha256")
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache",
                          "architectures", "_commit_hash", "quantization_config", "output_attentions",
                          "output_hidden_states", "return_dict", "tie_word_embeddings"}
@@ -281,6 +285,7 @@ def load_adapter(adapted, directory: str | Path, name: str = "default", trainabl
     meta, tensors = read_adapter(directory)
     config = config_from_json(meta)
     check_loadable(meta, tensors, force)
+    config = extend_vocabulary(adapted.causal_lm, adapted.tokenizer, config)  # its tokens: the base as trained on
     check_base(meta.get("base_model"), base_identity(adapted), force)
     missing = missing_modules(meta, adapted.causal_lm)
     if missing:
@@ -328,9 +333,7 @@ def check_base(saved: dict | None, current: dict, force: bool) -> None:
     """Refuse an adapter trained on another base model (`force` turns that into a warning)."""
     if not isinstance(saved, dict) or not saved:
         return  # nothing to compare (check_loadable refuses an adapter without it unless --force)
-    differ = [k for k in ("model_type", "architecture", "hidden_size", "num_layers", "vocab_size",
-                          "config_sha256", "vocab_sha256")
-              if k in saved and k in current and saved[k] != current[k]]
+    differ = [k for k in IDENTITY_KEYS if k in saved and k in current and saved[k] != current[k]]
     if not differ:
         return
     what = ", ".join(f"{k} {saved[k]} vs {current[k]}" for k in differ)

@@ -30,6 +30,7 @@ from ..methods.lora import LoraConfig, LoraEffect
 from ..methods.lora_init import changes_base
 from ..methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from ..sites import INPUTS
+from ..token_rows import ROWS, TokenRows
 from . import fingerprint
 from .files import check_output, write_files
 from .native import CONFIG_FILE, WEIGHTS_FILE
@@ -40,6 +41,7 @@ from .peft_formats import exact_pattern as _exact
 from .peft_formats import peft_pattern as _peft_pattern
 
 EMBEDDINGS_KEY = "prompt_embeddings"
+TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's trained token rows [tokens, hidden], per table
 PEFT_TYPES = {"lora": "LORA", "prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING",
               "prefix-tuning": "PREFIX_TUNING", "p-tuning-v2": "PREFIX_TUNING",
               **{method: f.peft_type for method, f in FORMATS.items()}}
@@ -121,7 +123,34 @@ def from_peft(meta: dict, tensors: dict[str, torch.Tensor], shape) -> tuple[Adap
                           "adapters into the base with PEFT's merge_and_unload, where PEFT can)")
 
 
+def _tokens_from_peft(meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """PEFT's trainable_token_indices: (config values, rows keyed by module path, the other tensors)."""
+    indices = meta.get("trainable_token_indices")
+    rows = {k: t for k, t in tensors.items() if k.endswith("." + TOKEN_KEY)}
+    rest = {k: t for k, t in tensors.items() if k not in rows}
+    if indices is None:
+        if rows:
+            raise AdapterkitError(f"the PEFT file holds {sorted(rows)[0]} but its config no trainable_token_indices")
+        return {}, {}, rest
+    lists = list(indices.values()) if isinstance(indices, dict) else [indices]
+    if not lists or any(list(ids) != list(lists[0]) for ids in lists):
+        raise AdapterkitError(f"the PEFT trainable_token_indices {indices!r} train different tokens in different "
+                              "tables; adapterkit trains the same tokens' rows in the embeddings and the head")
+    ids = [int(i) for i in lists[0]]
+    weights = {}
+    for key, tensor in rows.items():
+        if tuple(tensor.shape[:1]) != (len(ids),) or tensor.dim() != 2:
+            raise AdapterkitError(f"the PEFT tensor {key} has shape {tuple(tensor.shape)}, not one row for each of "
+                                  f"the {len(ids)} trainable_token_indices")
+        weights[f"{key.removeprefix(PEFT_PREFIX)[:-len(TOKEN_KEY) - 1]}.{ROWS}"] = tensor
+    if not weights:
+        raise AdapterkitError(f"the PEFT config has trainable_token_indices but the file holds no {TOKEN_KEY}")
+    return {"token_ids": ids, "token_head": len(weights) > 1}, weights, rest
+
+
 def _lora_from_peft(meta: dict, tensors: dict[str, torch.Tensor]):
+    token_values, token_weights, tensors = _tokens_from_peft(meta, tensors)
+    meta = {k: v for k, v in meta.items() if k != "trainable_token_indices"}
     _check_options(meta, _LORA_INERT)
     if meta.get("bias", "none") != "none":
         raise AdapterkitError(f"PEFT LoRA with bias={meta['bias']!r} (trained base biases) is not read yet; "
@@ -152,8 +181,8 @@ def _lora_from_peft(meta: dict, tensors: dict[str, torch.Tensor]):
     config = LoraConfig(r=r, alpha=alpha, dropout=meta.get("lora_dropout") or 0.0, target_modules=paths,
                         use_rslora=bool(meta.get("use_rslora")), use_dora=dora,
                         init="gaussian" if init == "gaussian" else "default",
-                        rank_pattern=_exact(ranks, r), alpha_pattern=_exact(alphas, alpha))
-    return config, weights
+                        rank_pattern=_exact(ranks, r), alpha_pattern=_exact(alphas, alpha), **token_values)
+    return config, {**weights, **token_weights}
 
 
 def _prompt_from_peft(meta: dict, tensors: dict[str, torch.Tensor], shape):
@@ -197,6 +226,9 @@ def refuse_unexportable(config: AdapterConfig) -> None:
         raise AdapterkitError(f"{what} {config.method} ({method.family} method) yet: {own}{merge}"
                               if what != "PEFT has no" else f"PEFT has no {config.method} ({method.family} method): "
                               f"{own}{merge}")
+    if config.token_ids is not None and not isinstance(config, LoraConfig):
+        raise AdapterkitError(f"PEFT keeps trained token rows (trainable_token_indices) only beside LoRA, and this is "
+                              f"a {config.method} adapter with new tokens: {own}")
     if isinstance(config, LoraConfig) and config.target_parameters:
         raise AdapterkitError(f"exporting LoRA on fused expert weights (target_parameters) to PEFT is not supported "
                               f"yet: merge it into the base (adapterkit merge), or {own}")
@@ -229,6 +261,8 @@ def to_peft(adapted, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _lora_to_peft(config: LoraConfig, parts: dict, common: dict):
+    token_parts = {path: part for path, part in parts.items() if isinstance(part, TokenRows)}
+    parts = {path: part for path, part in parts.items() if path not in token_parts}
     odd = [path for path, part in parts.items() if not isinstance(part, LoraEffect)]
     if odd:
         raise AdapterkitError(f"the LoRA adapter's part at {odd[0]} is not a low-rank update; not exportable")
@@ -253,6 +287,12 @@ def _lora_to_peft(config: LoraConfig, parts: dict, common: dict):
             "use_dora": config.use_dora, "rank_pattern": _exact(ranks, r), "alpha_pattern": _exact(alphas, alpha),
             "fan_in_fan_out": any(part.transposed for part in parts.values()),  # GPT-2's Conv1D
             "init_lora_weights": "gaussian" if config.init == "gaussian" else True, "modules_to_save": None}
+    own = {path: part for path, part in token_parts.items() if not part.tied}  # a tied head shares the rows
+    if own:  # a list targets the input embeddings; a table per module when an untied head has rows too
+        tensors.update({f"{PEFT_PREFIX}{path}.{TOKEN_KEY}": part.rows.detach().float().cpu().contiguous()
+                        for path, part in own.items()})
+        ids = list(config.token_ids)
+        meta["trainable_token_indices"] = ids if len(own) == 1 else {path: ids for path in sorted(own)}
     return meta, tensors
 
 

@@ -23,6 +23,7 @@ from ..errors import AdapterkitError, warn
 from ..settings import option
 from ..sites import base_module, logical_modules
 from ..targets import match_modules
+from .combining import Combination, low_rank_factors, merge_tensors, split_weight
 from .linear_update import linear_targets
 from .lora_effects import BiasDelta, DoraEffect, LoraEffect, TrainedCopy
 from .lora_experts import ExpertLoraEffect, expert_parameters
@@ -168,44 +169,86 @@ def _attach_others(adapted, config: LoraConfig, parts: dict[str, nn.Module], lay
             parts[path] = TrainedCopy(base_module(model, path))
 
 
-def combine_lora(adapted, names: list[str], weights: list[float], new_name: str, combination: str) -> None:
-    """A new LoRA adapter from a weighted combination of LoRA adapters on the same modules.
+def combine_lora(adapted, names: list[str], weights: list[float], new_name: str, how: Combination) -> None:
+    """A new LoRA adapter `new_name` (scaling 1) from a weighted combination of LoRA adapters on the same
+    modules, as PEFT 0.21.2's add_weighted_adapter computes it (s_i: adapter i's scaling):
 
-    cat: ranks are concatenated and the update is exactly sum_i w_i s_i B_i A_i (any ranks);
-    linear: A and B are the sums of sqrt(w_i s_i / s) A_i and sqrt(w_i s_i / s) B_i (equal ranks; the
-    product has cross terms, as PEFT's "linear").
+    cat: ranks concatenated, the update exactly sum_i w_i s_i B_i A_i (any ranks);
+    linear, ties, dare_linear, dare_ties: the rule applied to the stacked A's with weights
+    sign(w_i) sqrt(|w_i s_i|), then to the B's with sqrt(|w_i s_i|) (equal ranks; the product has cross terms);
+    svd, ties_svd, dare_linear_svd, dare_ties_svd: the rule applied to the updates s_i B_i A_i with weights
+    w_i, cut to rank how.svd_rank (default: the largest rank) by SVD.
+    dare masks are drawn per module in the model's module order, A's before B's, from a generator seeded
+    with how.seed (PEFT draws the same masks from the global generator).
     """
-    if len(names) != len(weights) or not names:
-        raise AdapterkitError("give one weight per adapter name, and at least one adapter")
+    how.validate()
+    if not names or len(names) != len(weights):
+        raise AdapterkitError(f"give one weight per adapter: {len(names)} adapter(s), {len(weights)} weight(s)")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in weights):
+        raise AdapterkitError(f"the weights must be finite numbers, got {weights!r}")
     records = [adapted._record(n) for n in names]
-    if any(not isinstance(r.config, LoraConfig) or r.config.use_dora for r in records):
-        raise AdapterkitError("only plain LoRA adapters (no DoRA) can be combined")
-    paths = set(records[0].parts)
-    if any(set(r.parts) != paths for r in records) or any(
-            not isinstance(p, LoraEffect) for r in records for p in r.parts.values()):
-        raise AdapterkitError("the adapters must target the same modules (and no bias or modules_to_save)")
-    if combination not in ("cat", "linear"):
-        raise AdapterkitError(f"combination must be cat or linear, got {combination!r}")
-    if combination == "linear" and any(w < 0 for w in weights):
-        raise AdapterkitError("combination 'linear' takes square roots of the weights: use 'cat' for negative ones")
-    first = records[0].config
-    if combination == "linear":
-        if len({p.lora_A.shape[0] for r in records for p in r.parts.values()}) != 1:
-            raise AdapterkitError("combination 'linear' needs equal ranks; use 'cat'")
-        rank = first.r
-    else:
-        rank = sum(r.config.r for r in records)
-    config = LoraConfig(r=rank, alpha=float(rank), target_modules=sorted(paths))  # scaling s = 1
+    for name, record in zip(names, records, strict=True):
+        if not isinstance(record.config, LoraConfig):
+            raise AdapterkitError(f"adapter {name!r} is {record.config.method}, not LoRA; combine LoRA adapters")
+        if record.config.use_dora:
+            raise AdapterkitError(f"adapter {name!r} is DoRA: its magnitudes do not combine linearly with other "
+                                  "updates; combine plain LoRA adapters (or merge each DoRA adapter on its own)")
+        odd = [p for p, part in record.parts.items() if type(part) is not LoraEffect or part.lora_bias is not None]
+        if odd:
+            raise AdapterkitError(f"adapter {name!r} trains more than low-rank updates at {odd[0]} (a bias, "
+                                  "modules_to_save or expert weights); only plain B A updates can be combined")
+    for name, record in zip(names[1:], records[1:], strict=True):
+        differ = sorted(set(record.parts) ^ set(records[0].parts))
+        if differ:
+            raise AdapterkitError(f"adapters {names[0]!r} and {name!r} target different modules (e.g. {differ[0]}); "
+                                  "combine adapters trained on the same target modules")
+    order = {path: i for i, (path, _) in enumerate(logical_modules(adapted.causal_lm))}
+    paths = sorted(records[0].parts, key=order.__getitem__)  # PEFT's order, so dare draws the same masks
+    ranks = {path: [r.parts[path].lora_A.shape[0] for r in records] for path in paths}
+    if how.how != "cat" and not how.on_delta and any(len(set(rs)) > 1 for rs in ranks.values()):
+        raise AdapterkitError(f"combination {how.how} needs equal ranks at each module; use cat or svd")
+    largest = max(max(rs) for rs in ranks.values())
+    new_ranks = {path: sum(rs) if how.how == "cat" else (how.svd_rank or largest) if how.on_delta else rs[0]
+                 for path, rs in ranks.items()}
+    factors = {}
+    generator = torch.Generator().manual_seed(how.seed)
+    with torch.no_grad():
+        for path in paths:
+            parts = [(w, r.parts[path]) for w, r in zip(weights, records, strict=True)]
+            factors[path] = _combined_factors(parts, how, new_ranks[path], generator, path)
+    rank = max(new_ranks.values(), key=list(new_ranks.values()).count)  # the most common: fewest patterns
+    odd = {re.escape(p): r for p, r in new_ranks.items() if r != rank}
+    config = LoraConfig(r=rank, alpha=float(rank), target_modules=paths, rank_pattern=odd,
+                        alpha_pattern={k: float(r) for k, r in odd.items()})  # scaling 1 everywhere
     adapted.add_adapter(config, new_name, activate=False)
     with torch.no_grad():
         for path, target in adapted.records[new_name].parts.items():
-            parts = [(w, r.parts[path]) for w, r in zip(weights, records, strict=True)]
-            if combination == "cat":
-                target.lora_A.copy_(torch.cat([w * p.scaling * p.lora_A for w, p in parts]))
-                target.lora_B.copy_(torch.cat([p.lora_B for _, p in parts], dim=1))
-            else:
-                target.lora_A.copy_(sum(math.sqrt(w * p.scaling) * p.lora_A for w, p in parts))
-                target.lora_B.copy_(sum(math.sqrt(w * p.scaling) * p.lora_B for w, p in parts))
+            lora_A, lora_B = factors[path]
+            target.lora_A.copy_(lora_A)
+            target.lora_B.copy_(lora_B)
+
+
+def _combined_factors(parts: list[tuple[float, LoraEffect]], how: Combination, rank: int,
+                      generator: torch.Generator, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of the combined update at one module, in fp32, checked finite."""
+    if how.how == "cat":
+        lora_A = torch.cat([w * p.scaling * p.lora_A.float() for w, p in parts])
+        lora_B = torch.cat([p.lora_B.float() for _, p in parts], dim=1)
+    elif how.on_delta:
+        out_features, in_features = parts[0][1].lora_B.shape[0], parts[0][1].lora_A.shape[1]
+        if rank > min(out_features, in_features):
+            raise AdapterkitError(f"svd_rank {rank} exceeds what {path} ({out_features} x {in_features}) holds; "
+                                  f"use at most {min(out_features, in_features)}")
+        deltas = [p.scaling * p.lora_B.float() @ p.lora_A.float() for _, p in parts]
+        lora_B, lora_A = low_rank_factors(merge_tensors(deltas, [w for w, _ in parts], how, generator), rank)
+    else:
+        split = [split_weight(w * p.scaling) for w, p in parts]
+        lora_A = merge_tensors([p.lora_A.float() for _, p in parts], [a for a, _ in split], how, generator)
+        lora_B = merge_tensors([p.lora_B.float() for _, p in parts], [b for _, b in split], how, generator)
+    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+        raise AdapterkitError(f"the combined update at {path} holds NaN or inf (from the adapters' weights or "
+                              "the combination weights); nothing was added")
+    return lora_A, lora_B
 
 
 class Lora(Method):
@@ -221,8 +264,8 @@ class Lora(Method):
     def lr_ratio(self, config: LoraConfig, key: str) -> float:
         return config.lr_ratio(key)
 
-    def combine(self, adapted, names, weights, new_name, combination) -> None:
-        combine_lora(adapted, names, weights, new_name, combination)
+    def combine(self, adapted, names, weights, new_name, how: Combination) -> None:
+        combine_lora(adapted, names, weights, new_name, how)
 
 
 register_method(Lora())

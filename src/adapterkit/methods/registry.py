@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import AdapterkitError
+from .combining import Combination
 
 
 class Method:
@@ -41,8 +42,8 @@ class Method:
         """Learning-rate multiplier of one adapter weight (its path inside the adapter)."""
         return 1.0
 
-    def combine(self, adapted, names: list[str], weights: list[float], new_name: str, combination: str) -> None:
-        """A new adapter `new_name` combining adapters `names` of this method."""
+    def combine(self, adapted, names: list[str], weights: list[float], new_name: str, how: Combination) -> None:
+        """A new adapter `new_name` combining adapters `names` of this method, weighted, as `how` says."""
         raise AdapterkitError(f"{self.name} adapters cannot be combined; add_weighted_adapter takes LoRA adapters")
 
 

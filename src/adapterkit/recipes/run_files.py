@@ -122,7 +122,8 @@ def effective_yaml(settings, config) -> str:
     import yaml
 
     values = {k: v for k, v in asdict(settings).items() if k != "method_options"}
-    values.update({k: v for k, v in config.to_dict().items()})
+    flags = {o.name for o in config.options()}  # what --config takes back (not ids adapterkit sets itself)
+    values.update({k: v for k, v in config.to_dict().items() if k in flags})
     return yaml.safe_dump(values, sort_keys=False)
 
 

@@ -37,6 +37,7 @@ from ..models import DEFAULT_MODEL, load_model
 from ..packing import check_packing, collate_packed, pack
 from ..quantization import QUANTIZE
 from ..settings import check_fields, option
+from ..token_rows import extend_vocabulary
 from ..training import causal_lm_loss, fit, make_optimizer
 from ..training.distributed import (
     World,
@@ -201,6 +202,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
     precision = resolve_precision(settings.precision, world.device)
     model, tokenizer = load_model(settings.model, precision, settings.quantize)
     model.to(world.device)
+    config = extend_vocabulary(model, tokenizer, config)  # --new-tokens: before the data is tokenised
     template = Template(settings.template)
     encoded = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in train_records]
     val_encoded = [encode(r, tokenizer, template, settings.cutoff_len, settings.train_on_inputs) for r in val_records]
