@@ -258,6 +258,11 @@ def test_cli_trains_merges_and_refuses(tiny_llama_dir, tmp_path, capsys):
                  "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert (logits(merged, batch) - logits(adapted, batch)).abs().max() <= 1e-5
+    assert main(["verify", str(tmp_path / "run"), "--model", str(tiny_llama_dir)]) == 0
+    assert main(["export", "--adapter", str(tmp_path / "run"), "--output", str(tmp_path / "peft"),
+                 "--model", str(tiny_llama_dir)]) == 0
+    in_peft = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "peft")
+    assert (logits(in_peft.eval(), batch) - logits(adapted, batch)).abs().max() <= 1e-5
     for bad, words in ((["--lora-init", "pissa_niter_x"], "pissa_niter_N must be a positive integer"),
                        (["--lora-init", "olora", "--quantize", "nf4"], "--quantize none")):
         capsys.readouterr()
