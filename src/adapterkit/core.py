@@ -28,6 +28,7 @@ from .sites import (
     Effect,
     InputHook,
     logical_modules,
+    refuse_shared_base_change,
     replace_module,
     site_at,
     strip_positions,
@@ -84,6 +85,7 @@ class AdaptedModel(Merging, MethodHooks, nn.Module):
             raise AdapterkitError(f"{config.method} already acts on {sorted(set(rows) & set(parts))[0]}, where the new "
                                   "tokens' rows are kept; leave that module out of the method's targets")
         parts.update(rows)
+        refuse_shared_base_change(self.causal_lm, name, parts)
         device = next(self.causal_lm.parameters()).device
         for path, part in parts.items():
             part.to(device).train(self.causal_lm.training)  # new modules start in training mode; follow the model
@@ -109,6 +111,8 @@ class AdaptedModel(Merging, MethodHooks, nn.Module):
                 del self.input_hooks[name]
                 continue
             site = self.causal_lm.get_submodule(path)
+            if part.changes_base:
+                part.restore_base()
             del site.effects[name]
             if not site.effects and not site.checkpointed:
                 replace_module(self.causal_lm, path, site.base_layer)

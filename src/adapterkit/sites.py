@@ -24,6 +24,11 @@ class Effect(nn.Module):
     replaces_base = False    # run instead of the base module (a trained copy)
     mergeable = False
     row_wise = True          # its input keeps the batch rows on dim 0, so a mixed batch can give it some rows
+    # It rewrote its base layer's weight when attached (LoRA's PiSSA/OLoRA/LoftQ starts): it then holds
+    # `base_change` (tensors saved beside the weights that rebuild the change from the original weight,
+    # keyed PART_PATH.BASE_CHANGE.NAME), `rebuild_base(tensors)` and `restore_base()`; no other adapter
+    # may share its site.
+    changes_base = False
 
     def on_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -66,6 +71,7 @@ class Effect(nn.Module):
 
 INPUTS = "prompt"    # the key of an adapter's InputHook among its parts (as saved files since 0.1 name it)
 EXPORTED = "final"   # tensors a part saves beside its weights are keyed PART_PATH.EXPORTED
+BASE_CHANGE = "base_change"  # ... and those that rebuild a changed base weight PART_PATH.BASE_CHANGE.NAME
 
 
 class InputHook(nn.Module):
@@ -325,3 +331,19 @@ def site_at(root: nn.Module, path: str, state: AdapterState) -> AdapterSite:
     site.train(module.training)
     replace_module(root, path, site)
     return site
+
+
+def refuse_shared_base_change(root: nn.Module, name: str, parts: dict[str, nn.Module]) -> None:
+    """An adapter that rewrote a base weight shares that layer with no other adapter: the other one would
+    run on a base it was not made for. Before refusing, the new adapter's own base changes are undone."""
+    for path, part in parts.items():
+        others = getattr(root.get_submodule(path), "effects", {}) if isinstance(part, Effect) else {}
+        clash = next((other for other, effect in others.items() if effect.changes_base or part.changes_base), None)
+        if clash is not None:
+            for new in parts.values():
+                if isinstance(new, Effect) and new.changes_base:
+                    new.restore_base()
+            changer = clash if others[clash].changes_base else name
+            raise AdapterkitError(f"adapter {changer!r} rewrote the base weight of {path} (its LoRA init), so adapters "
+                                  f"{clash!r} and {name!r} cannot share that layer; use another model instance, or "
+                                  "target other modules")

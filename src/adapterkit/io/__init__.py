@@ -40,6 +40,9 @@ def hotswap(adapted: AdaptedModel, directory: str | Path, name: str = "default",
     method and settings, so the same shapes and scalings: nothing is attached or removed, so a compiled
     model runs the new weights without recompiling and a served name keeps its mixed-batch stacks."""
     record = adapted._record(name)
+    if any(getattr(part, "changes_base", False) for part in record.parts.values()):
+        raise AdapterkitError(f"cannot hot-swap into adapter {name!r}: its LoRA init rewrote the base weights, "
+                              "which the new weights do not fit; load the new adapter onto a fresh base instead")
     if peft.is_peft_folder(directory):
         meta, tensors = peft.read_peft(directory)
         config, weights = peft.from_peft(meta, tensors, adapted.layout.shape)

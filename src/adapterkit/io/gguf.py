@@ -157,10 +157,11 @@ def lora_tensors(adapted, name: str) -> tuple[float, list[tuple[str, np.ndarray]
     if not isinstance(config, LoraConfig):
         raise AdapterkitError(f"a GGUF adapter holds LoRA only; {config.method} has no GGUF form")
     odd = [p for p, part in record.parts.items() if not isinstance(part, LoraEffect) or isinstance(part, DoraEffect)
-           or part.lora_bias is not None or part.transposed]
+           or part.lora_bias is not None or part.transposed or part.changes_base]
     if odd or config.target_parameters:
         raise AdapterkitError(f"the GGUF LoRA layout holds plain low-rank updates only (A and B); {odd[0] if odd else 'the experts'} "
-                              "is not one (DoRA, a trained bias or copy, expert weights, a Conv1D layer): "
+                              "is not one (DoRA, a trained bias or copy, expert weights, a Conv1D layer, a start that "
+                              "rewrote the base: pissa/olora/loftq): "
                               "export --format gguf --merged")
     layout = adapted.layout
     names = name_map(layout.arch, getattr(adapted.causal_lm.config, "model_type", None), layout.shape.layers)

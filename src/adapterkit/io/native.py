@@ -19,7 +19,7 @@ from .._version import __version__
 from ..config import AdapterConfig
 from ..errors import AdapterkitError, warn
 from ..methods import get_method
-from ..sites import EXPORTED, INPUTS, InputHook
+from ..sites import BASE_CHANGE, EXPORTED, INPUTS, InputHook
 from ..token_rows import extend_vocabulary
 from . import fingerprint
 from .files import write_files
@@ -96,6 +96,7 @@ def adapter_payload(adapted, name: str, weights: dict[str, torch.Tensor] | None 
     check_tensors(tensors)
     parameters = sum(t.numel() for t in tensors.values())
     tensors.update(exported_tensors(record))
+    tensors.update(base_change_tensors(record))
     meta = config_to_json(record.config)
     meta.update({
         "adapterkit_version": __version__,
@@ -140,6 +141,14 @@ def exported_tensors(record) -> dict[str, torch.Tensor]:
                 for key, t in part.export_tensors().items():
                     exported[f"{path}.{key}"] = t.detach().float().cpu().clone().contiguous()  # not a view of a weight
     return exported
+
+
+def base_change_tensors(record) -> dict[str, torch.Tensor]:
+    """What rebuilds the base weights an adapter rewrote (LoRA's PiSSA/OLoRA/LoftQ starts) from the original
+    ones, keyed PART_PATH.base_change.NAME: loading applies them to the original base again."""
+    return {f"{path}.{BASE_CHANGE}.{key}": t.detach().float().cpu().clone().contiguous()
+            for path, part in record.parts.items() if getattr(part, "changes_base", False)
+            for key, t in part.base_change.items()}
 
 
 def check_tensors(tensors: dict[str, torch.Tensor]) -> None:
@@ -227,7 +236,14 @@ def load_weights(adapted, record, tensors: dict[str, torch.Tensor], name: str) -
     tensors = dict(tensors)
     export_keys = list(exported_tensors(record))  # computed from the fresh adapter: its keys only
     exported = {k: tensors.pop(k) for k in export_keys if k in tensors}
+    changes = {}
+    for path, part in record.parts.items():
+        if getattr(part, "changes_base", False):
+            prefix = f"{path}.{BASE_CHANGE}."
+            changes[path] = {k.removeprefix(prefix): tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
     adapted.load_adapter_state_dict(tensors, name)
+    for path, change in changes.items():  # the original base becomes the one the adapter was made on
+        record.parts[path].rebuild_base(change)
     for key, expected in exported_tensors(record).items():  # now from the loaded weights
         if key not in exported:
             raise AdapterkitError(f"the adapter file lacks {key}; it was not saved by this adapterkit")
@@ -238,8 +254,8 @@ def load_weights(adapted, record, tensors: dict[str, torch.Tensor], name: str) -
 
 
 def trainable_only(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights of a saved adapter file without the exported tensors saved beside them."""
-    return {k: v for k, v in tensors.items() if not k.endswith("." + EXPORTED)}
+    """The weights of a saved adapter file without the tensors saved beside them (exports, base changes)."""
+    return {k: v for k, v in tensors.items() if not k.endswith("." + EXPORTED) and f".{BASE_CHANGE}." not in k}
 
 
 def missing_modules(meta: dict, model) -> list[str]:

@@ -15,6 +15,7 @@ projected prefix as a direct one: the same logits, without the (unsaved) encoder
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterkitError
 from ..methods import get_method
 from ..methods.lora import LoraConfig, LoraEffect
+from ..methods.lora_init import changes_base
 from ..methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from ..sites import INPUTS
 from ..token_rows import ROWS, TokenRows
@@ -233,6 +235,10 @@ def refuse_unexportable(config: AdapterConfig) -> None:
     if isinstance(config, LoraConfig) and (config.bias != "none" or config.modules_to_save):
         raise AdapterkitError(f"exporting LoRA with bias={config.bias!r} or modules_to_save to PEFT is not "
                               f"supported yet: merge it into the base (adapterkit merge), or {own}")
+    if isinstance(config, LoraConfig) and config.init == "loftq":
+        raise AdapterkitError(f"a LoftQ adapter fits only its NF4-quantized base (W - Q is not low-rank), so no PEFT "
+                              f"LoRA holds it for the original base: {own}, or merge it into the base "
+                              "(adapterkit merge)")
     if isinstance(config, PrefixTuningConfig) and config.layers is not None:
         raise AdapterkitError(f"PEFT's prefix tuning puts prefixes in every layer, so a {config.method} "
                               f"adapter with layers={config.layers} has no PEFT equivalent; {own}")
@@ -264,11 +270,21 @@ def _lora_to_peft(config: LoraConfig, parts: dict, common: dict):
                for path, part in parts.items() for ours, theirs in LORA_KEYS.items()
                if getattr(part, ours, None) is not None}
     ranks_alphas = {path: config.rank_and_alpha(path) for path in parts}
+    r, alpha, converted = config.r, config.alpha, changes_base(config.init)
+    if converted:  # PEFT's conversion for the original base: s (B A - B0 A0) = s' [B, -B0] [A; A0]
+        for path, part in parts.items():
+            start = {key: t.float().cpu() for key, t in part.base_change.items()}
+            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = torch.cat(
+                [tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"], start["lora_A"]]).contiguous()
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = torch.cat(
+                [tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"], -start["lora_B"]], dim=1).contiguous()
+        factor = math.sqrt(2) if config.use_rslora else 2.0  # the same scaling at twice the rank
+        r, alpha = 2 * r, alpha * factor
+        ranks_alphas = {path: (2 * pr, pa * factor) for path, (pr, pa) in ranks_alphas.items()}
     ranks, alphas = ({path: pair[i] for path, pair in ranks_alphas.items()} for i in (0, 1))
-    meta = {**common, "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+    meta = {**common, "r": r, "lora_alpha": alpha, "lora_dropout": config.dropout,
             "target_modules": sorted(parts), "bias": "none", "use_rslora": config.use_rslora,
-            "use_dora": config.use_dora, "rank_pattern": _exact(ranks, config.r),
-            "alpha_pattern": _exact(alphas, config.alpha),
+            "use_dora": config.use_dora, "rank_pattern": _exact(ranks, r), "alpha_pattern": _exact(alphas, alpha),
             "fan_in_fan_out": any(part.transposed for part in parts.values()),  # GPT-2's Conv1D
             "init_lora_weights": "gaussian" if config.init == "gaussian" else True, "modules_to_save": None}
     own = {path: part for path, part in token_parts.items() if not part.tied}  # a tied head shares the rows
@@ -306,6 +322,9 @@ def _prompt_to_peft(config, part, shape, common: dict):
 def check_round_trip(adapted, name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> float:
     """Read the PEFT tensors back (in memory) onto the same base; the probe logits must be the adapter's."""
     config, weights = from_peft(meta, tensors, adapted.layout.shape)
+    record = adapted._record(name)
+    if any(getattr(part, "changes_base", False) for part in record.parts.values()):
+        return _check_converted(record, config, weights)
     _attach(adapted, config, weights, _CHECK_NAME, trainable=False)
     try:
         want = torch.tensor(fingerprint.compute(adapted, name)["adapted"])
@@ -317,6 +336,25 @@ def check_round_trip(adapted, name: str, meta: dict, tensors: dict[str, torch.Te
     if not drift <= tolerance:
         raise AdapterkitError(f"the PEFT files read back give logits that drift by {drift:.3g} from the "
                               f"adapter's (> {tolerance:g}); nothing written")
+    return drift
+
+
+def _check_converted(record, config: LoraConfig, weights: dict[str, torch.Tensor]) -> float:
+    """A converted export is for the original base, which this model no longer holds: its update read back
+    must be the adapter's update relative to that base, s (B A - B0 A0), at every module."""
+    drift = 0.0
+    for path, part in record.parts.items():
+        with torch.no_grad():
+            got = config.scaling_for(*config.rank_and_alpha(path)) * (
+                weights[f"{path}.lora_B"].float() @ weights[f"{path}.lora_A"].float())
+            start = part.base_change
+            now, initial = (part.scaling * (b.float() @ a.float()) for b, a in
+                            ((part.lora_B, part.lora_A), (start["lora_B"], start["lora_A"])))
+            scale = max(now.abs().max().item(), initial.abs().max().item(), 1e-12)  # the update may be 0 at step 0
+        drift = max(drift, (got - (now - initial).cpu()).abs().max().item() / scale)
+    if not drift <= 1e-5:
+        raise AdapterkitError(f"the converted PEFT update read back drifts by {drift:.3g} from the adapter's "
+                              "(> 1e-05); nothing written")
     return drift
 
 

@@ -3,11 +3,13 @@
 Variants: rsLoRA (Kalajdzievski 2023) is a scaling switch, alpha / sqrt(r); DoRA (Liu et al. 2024)
 is its own effect, a trained magnitude per output feature over the normalised updated weight;
 rank_pattern / alpha_pattern set r and alpha per module; loraplus_lr_ratio (Hayou et al. 2024)
-gives B a larger learning rate than A.
+gives B a larger learning rate than A. init pissa / pissa_niter_N / olora / loftq start from the base
+weight and rewrite it (lora_init.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -25,10 +27,10 @@ from .combining import Combination, low_rank_factors, merge_tensors, split_weigh
 from .linear_update import linear_targets
 from .lora_effects import BiasDelta, DoraEffect, LoraEffect, TrainedCopy
 from .lora_experts import ExpertLoraEffect, expert_parameters
+from .lora_init import BaseChangingLoraEffect, changes_base, check_init, init_warning
 from .registry import Method, register_method
 
 BIAS_MODES = ("none", "lora_only", "all")
-INITS = ("default", "gaussian")
 
 
 @dataclass
@@ -45,7 +47,11 @@ class LoraConfig(AdapterConfig):
     bias: str = option("none", "train biases too: none, lora_only (of the targeted layers), all",
                       flag="--lora-bias")
     init: str = option("default", "default: A Kaiming-uniform, B zero (the update starts at 0); "
-                       "gaussian: A ~ N(0, 1/r), B zero", flag="--lora-init")
+                       "gaussian: A ~ N(0, 1/r), B zero; pissa (pissa_niter_N: randomised SVD, N iterations) and "
+                       "olora: B A from W's top singular triplets / QR, the base becomes W - s B A; loftq: the base "
+                       "becomes W's NF4 quantization Q and B A the rank-r part of W - Q (bitsandbytes)",
+                       flag="--lora-init")
+    loftq_iter: int = option(1, "init loftq: alternations of quantizing and rank-r fitting (PEFT's loftq_iter)")
     use_rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
     modules_to_save: list[str] = option([], "modules trained in full (a trained copy), e.g. lm_head")
     target_parameters: list[str] | None = option(
@@ -66,8 +72,10 @@ class LoraConfig(AdapterConfig):
             raise AdapterkitError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
         if self.bias not in BIAS_MODES:
             raise AdapterkitError(f"lora bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init not in INITS:
-            raise AdapterkitError(f"lora init must be one of {INITS}, got {self.init!r}")
+        check_init(self.init, self.loftq_iter)
+        if changes_base(self.init) and (self.use_dora or self.target_parameters):
+            raise AdapterkitError(f"lora init {self.init} rewrites linear base weights: it takes plain LoRA on linear "
+                                  "layers, without use_dora or target_parameters")
         if isinstance(self.target_parameters, list) and not self.target_parameters:
             raise AdapterkitError("lora target_parameters is an empty list; name expert weights or leave it unset")
         if isinstance(self.target_modules, list) and not self.target_modules:
@@ -79,6 +87,14 @@ class LoraConfig(AdapterConfig):
             raise AdapterkitError(f"lora rank_pattern values must be integers, got {self.rank_pattern!r}")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
             raise AdapterkitError(f"loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio!r}")
+
+    def for_loaded_weights(self) -> LoraConfig:
+        """Loading: the saved base_change tensors rebuild the base, so no SVD or quantization at attach."""
+        if not changes_base(self.init):
+            return self
+        loading = dataclasses.replace(self)
+        loading.loading = True  # not a field: never saved
+        return loading
 
     @property
     def scaling(self) -> float:
@@ -108,8 +124,28 @@ def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
     paths = linear_targets(adapted, config.target_modules, config.layers)
     parts: dict[str, nn.Module] = {}
     effect = DoraEffect if config.use_dora else LoraEffect
-    for path in paths:
-        parts[path] = effect(base_module(model, path), config, config.bias != "none", *config.rank_and_alpha(path))
+    try:
+        for path in paths:
+            r, alpha = config.rank_and_alpha(path)
+            if changes_base(config.init):
+                parts[path] = BaseChangingLoraEffect(base_module(model, path), config, config.bias != "none", r,
+                                                     alpha, path, loading=getattr(config, "loading", False))
+            else:
+                parts[path] = effect(base_module(model, path), config, config.bias != "none", r, alpha)
+        _attach_others(adapted, config, parts, layer_paths)
+    except BaseException:
+        for part in parts.values():  # put back the base weights changed before the error
+            if part.changes_base:
+                part.restore_base()
+        raise
+    if changes_base(config.init) and not getattr(config, "loading", False):
+        init_warning(config.init, config.scaling)
+    return parts
+
+
+def _attach_others(adapted, config: LoraConfig, parts: dict[str, nn.Module], layer_paths: list[str]) -> None:
+    """Bias deltas, expert updates and trained copies, beside the linear layers' LoRA in `parts`."""
+    layout, model = adapted.layout, adapted.causal_lm
     if config.bias == "all":
         for path, module in logical_modules(model):
             if path not in parts and isinstance(getattr(module, "bias", None), nn.Parameter):
@@ -131,7 +167,6 @@ def attach_lora(adapted, config: LoraConfig) -> dict[str, nn.Module]:
             if path in parts:
                 raise AdapterkitError(f"{path} is both a LoRA target and in modules_to_save; pick one")
             parts[path] = TrainedCopy(base_module(model, path))
-    return parts
 
 
 def combine_lora(adapted, names: list[str], weights: list[float], new_name: str, how: Combination) -> None:
