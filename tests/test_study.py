@@ -77,6 +77,8 @@ def test_study_end_to_end_and_resume(tiny_llama_dir, layout, tmp_path, monkeypat
     shutil.rmtree(next((out / "runs" / "lora").glob("lr*-seed1")))  # as if killed before that run finished
     assert main(_argv(tiny_llama_dir, train, data_dir, out, "--resume")) == 0
     assert len(calls) == 1  # only the missing run trains again; the failed pilot is not retried
+    resumed = {r["method"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    assert resumed["prompt-tuning"]["gsm8k beats base"] == rows["prompt-tuning"]["gsm8k beats base"]  # read back
 
 
 def test_mcnemar_exact():
@@ -173,3 +175,36 @@ def test_auto_sweep_extends_past_an_edge(monkeypatch, tmp_path, best, expected):
     tried.clear()
     study_module._sweep(settings, "lora", [1e-4, 3e-4, 1e-3], tmp_path, study_module.Progress(3))
     assert tried == [1e-4, 3e-4, 1e-3]
+
+
+def test_llm_adapters_preset_runs_the_papers_settings(tiny_llama_dir, layout, tmp_path):
+    """--preset llm-adapters: each method at its published settings (LoRA r 32 / alpha 64 on q, k, v, up,
+    down at 3e-4 for 3 epochs of batch 16; prefix tuning 10 virtual tokens at 3e-2 for 5 epochs of batch 8)."""
+    train, data_dir = layout
+    out = tmp_path / "paper"
+    argv = ["study", "--preset", "llm-adapters", "--model", str(tiny_llama_dir), "--train-data", str(train),
+            "--data-dir", str(data_dir), "--tasks", "gsm8k", "--methods", "lora,prefix-tuning", "--eval-limit", "2",
+            "--max-new-tokens", "2", "--precision", "fp32", "--output", str(out)]
+    assert main(argv) == 0
+    lora = next((out / "runs" / "lora").glob("lr*-seed1"))
+    meta = json.loads((lora / "adapter_config.json").read_text())
+    assert meta["config"]["r"] == 32 and meta["config"]["alpha"] == 64.0
+    layer0 = sorted(m.removeprefix("model.layers.0.") for m in meta["modules"] if m.startswith("model.layers.0."))
+    assert layer0 == ["mlp.down_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    run = json.loads((lora / "run.json").read_text())
+    examples = run["train_examples"]
+    assert run["settings"]["learning_rate"] == 3e-4 and run["steps"] == 3 * examples // 16  # epochs of full batches
+    prefix = json.loads((next((out / "runs" / "prefix-tuning").glob("lr*-seed1")) / "run.json").read_text())
+    assert prefix["settings"]["learning_rate"] == 3e-2 and prefix["steps"] == 5 * examples // 8
+    assert prefix["adapter_config"]["num_virtual_tokens"] == 10
+    assert not list(out.glob("runs/*/pilot-*"))  # the paper's rates, no sweep
+
+
+def test_llm_adapters_preset_refusals(tiny_llama_dir, layout, tmp_path, capsys):
+    train, data_dir = layout
+    for extra, message in ((["--methods", "ia3", "--train-data", str(train)], "not ia3; drop the preset"),
+                           ([], "math_10k.json, which is not shipped")):
+        argv = ["study", "--preset", "llm-adapters", "--model", str(tiny_llama_dir), "--data-dir", str(data_dir),
+                "--tasks", "gsm8k", "--output", str(tmp_path / "x"), *extra]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err

@@ -170,7 +170,9 @@ def register_architecture(model_type: str, architecture: Architecture, replace: 
     ARCHITECTURES[model_type] = architecture
 
 
-TARGET_GROUPS = ("attn", "mlp")  # and "all-linear" (targets.py), "experts" (LoRA's target_parameters)
+# and "all-linear" (targets.py), "experts" (LoRA's target_parameters). "llm-adapters": the layers of
+# LLM-Adapters' published LoRA runs (q, k, v or the fused qkv, the MLP's last input projection and its output).
+TARGET_GROUPS = ("attn", "mlp", "llm-adapters")
 
 
 def _first_attr(config, names: tuple[str, ...], field: str) -> int:
@@ -249,6 +251,10 @@ class ModelLayout:
             paths = [self.site(index, role) for role in roles]
         elif group == "mlp":
             paths = [f"{self.layer_path(index)}.{p}" for p in self.arch.mlp_in] + [self.site(index, "mlp_out")]
+        elif group == "llm-adapters":
+            roles = ("qkv",) if self.arch.qkv else ("q", "k", "v")
+            paths = [self.site(index, role) for role in roles] + [
+                f"{self.layer_path(index)}.{p}" for p in self.arch.mlp_in[-1:]] + [self.site(index, "mlp_out")]
         else:
             raise AdapterkitError(f"unknown target group {group!r}; groups: {', '.join(TARGET_GROUPS)}")
         return [p for p in paths if is_linear(self.model.get_submodule(p))]

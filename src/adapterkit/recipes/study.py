@@ -44,6 +44,18 @@ QUICK = {"budget": "steps=30", "pilot_steps": 5, "val_set_size": 32, "eval_limit
          "max_new_tokens": 128}
 CHOICE_NEW_TOKENS = 32  # commonsense answers are one word ("the correct answer is true"): no need for more
 PRESETS = ("quick", "llm-adapters")
+# --preset llm-adapters: LLM-Adapters' published LLaMA-7B math runs (its math_running_commands), per method,
+# at its own epochs and rates (no sweep). Placements come from each method's llm-adapters preset or target
+# group, which the architecture table resolves for every family (its BLOOMZ and GPT-J runs included).
+PAPER_COMMON = {"batch_size": 16, "micro_batch_size": 4, "num_epochs": 3, "learning_rate": 3e-4, "warmup_steps": 100,
+                "cutoff_len": 256, "eval_steps": 80, "save_steps": 80, "max_steps": None}
+PAPER_RUNS = {
+    "lora": {"r": 32, "alpha": 64.0, "target_modules": ["llm-adapters"]},
+    "adapter-h": {"preset": "llm-adapters", "quantize": "int8"},  # its series runs loaded the base in 8 bits
+    "parallel": {"preset": "llm-adapters"},
+    "prefix-tuning": {"batch_size": 8, "num_epochs": 5, "learning_rate": 3e-2, "num_virtual_tokens": 10},
+}
+PAPER_TASKS = ["MultiArith", "gsm8k", "AddSub", "AQuA", "SingleEq", "SVAMP"]  # its math accuracy table
 MATH_SLICE = "math-slice"  # the demo's held-out math items (not in the math training file)
 
 
@@ -84,8 +96,14 @@ class StudySettings:
                 if getattr(self, name) == StudySettings.__dataclass_fields__[name].default:
                     setattr(self, name, value)
         if self.preset == "llm-adapters":
-            raise AdapterkitError("--preset llm-adapters (its per-method settings on a 7B model) needs a GPU and the "
-                                  "model; it is documented in the README, not runnable here")
+            if not self.train_data:
+                raise AdapterkitError("--preset llm-adapters trains on LLM-Adapters' math_10k.json, which is not "
+                                      "shipped: pass --train-data FILE (and --model, e.g. a LLaMA-7B folder)")
+            self.methods = list(PAPER_RUNS) if self.methods == ["all"] else self.methods
+            self.tasks = list(PAPER_TASKS) if self.tasks == [MATH_SLICE] else self.tasks
+            if unknown := [m for m in self.methods if m not in PAPER_RUNS]:
+                raise AdapterkitError(f"--preset llm-adapters has the paper's runs of {', '.join(PAPER_RUNS)}, not "
+                                      f"{', '.join(unknown)}; drop the preset to study them")
         check_fields(self)
         if not self.train_data:
             raise AdapterkitError("--train-data is required (or --preset quick)")
@@ -158,6 +176,8 @@ def training_data(settings: StudySettings, out: Path) -> Path:
 
 
 def learning_rates(settings: StudySettings, method: str) -> list[float]:
+    if settings.preset == "llm-adapters":
+        return [{**PAPER_COMMON, **PAPER_RUNS[method]}["learning_rate"]]
     if settings.lrs != ["auto"]:
         return [float(r) for r in settings.lrs]
     return list(get_method(method).study_lrs)
@@ -167,6 +187,8 @@ def steps_for(settings: StudySettings, out: Path) -> int:
     """The step count of a full run. tokens=N and seconds=N are turned into steps from the first pilot's
     measured tokens and seconds per step, so every method trains the same number of steps."""
     kind, value = parse_budget(settings.budget)
+    if settings.preset == "llm-adapters":
+        return None  # each method's own epochs
     if kind == "steps":
         return value
     pilot = next(out.glob("runs/*/pilot-*/run.json"), None)
@@ -179,16 +201,26 @@ def steps_for(settings: StudySettings, out: Path) -> int:
     return max(1, int(value / (tokens if kind == "tokens" else seconds)))
 
 
+def run_config(settings: StudySettings, method: str, lr: float, seed: int, steps: int | None, folder: Path,
+               val_set_size: int) -> dict:
+    """The `adapterkit train --config` settings of one run; a killed run continues exactly (resume auto)."""
+    config = {"data": str(Path(settings.output) / "train.json"), "output": str(folder), "method": method,
+              "model": settings.model, "batch_size": settings.batch_size, "micro_batch_size": settings.micro_batch_size,
+              "max_steps": steps, "learning_rate": lr, "warmup_steps": max(1, (steps or 0) // 10),
+              "cutoff_len": settings.cutoff_len, "val_set_size": val_set_size, "eval_steps": steps,
+              "save_steps": steps, "template": settings.template, "seed": seed, "precision": settings.precision,
+              "resume": "auto"}
+    if settings.preset == "llm-adapters":
+        config.update({**PAPER_COMMON, **PAPER_RUNS[method]})
+    return config
+
+
 def _train(settings: StudySettings, method: str, lr: float, seed: int, steps: int, folder: Path,
            val_set_size: int) -> dict:
     """One training run in its own process (its peak memory is its own); skipped when finished."""
     if (folder / "run.json").is_file():
         return json.loads((folder / "run.json").read_text())
-    config = {"data": str(Path(settings.output) / "train.json"), "output": str(folder), "method": method, "model": settings.model,
-              "batch_size": settings.batch_size, "micro_batch_size": settings.micro_batch_size, "max_steps": steps,
-              "learning_rate": lr, "warmup_steps": max(1, steps // 10), "cutoff_len": settings.cutoff_len,
-              "val_set_size": val_set_size, "eval_steps": steps, "save_steps": steps, "template": settings.template,
-              "seed": seed, "precision": settings.precision, "resume": "auto"}  # a killed run continues exactly
+    config = run_config(settings, method, lr, seed, steps, folder, val_set_size)
     folder.mkdir(parents=True, exist_ok=True)
     (folder.parent / f".{folder.name}.yaml").write_text(yaml.safe_dump(config))
     done = subprocess.run([sys.executable, "-m", "adapterkit", "train", "--config",
@@ -202,8 +234,8 @@ def _train(settings: StudySettings, method: str, lr: float, seed: int, steps: in
 
 def _evaluate(settings: StudySettings, name: str, adapter: Path | None, task: str, out: Path) -> dict:
     folder = out / "evals" / name / task
-    if (folder / "results.json").is_file():
-        return json.loads((folder / "results.json").read_text())
+    if (folder / "results.json").is_file():  # with its folder, where the report reads the predictions
+        return {**json.loads((folder / "results.json").read_text()), "output": str(folder)}
     data = task_type = None
     if task == MATH_SLICE:
         data, task_type = out / "math_slice.json", "math"
