@@ -94,7 +94,8 @@ class TrainSettings:
     compile: bool = option(False, "torch.compile the model; the first steps (one per new batch shape) compile, "
                            "and the first step's time is printed")
     shard: str = option("none", "fsdp: shard the model over the launched processes (FSDP2: each decoder layer, then "
-                        "the rest), zero3: DeepSpeed ZeRO-3 (see README), none: every process holds the whole model",
+                        "the rest), zero3: DeepSpeed ZeRO-3 (adapterkit[zero3], fp32; see README), none: every process holds the "
+                        "whole model",
                         choices=SHARDS)
     overwrite: bool = option(False, "replace what an earlier run wrote in --output (other files are refused)")
     allow_new_data: bool = option(False, "with --resume: continue on data that differs from the run's")
@@ -200,7 +201,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
     train_records, val_records = split_validation(records, settings.val_set_size, settings.seed)
     torch.manual_seed(settings.seed)
     precision = resolve_precision(settings.precision, world.device)
-    check_shard(settings.shard, launched(), settings.quantize, precision)  # what --precision auto chose
+    check_shard(settings.shard, launched(), settings.quantize, precision, settings.precision == "auto")
     model, tokenizer = load_model(settings.model, precision, settings.quantize)
     model.to(world.device)
     template = Template(settings.template)

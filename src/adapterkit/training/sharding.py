@@ -31,7 +31,7 @@ SHARDS = ("none", "fsdp", "zero3")
 LAUNCH = "torchrun --nproc-per-node 2 -m adapterkit train ... --shard {shard}"
 
 
-def check_shard(shard: str, launched: bool, quantize: str, precision: str = "fp32") -> None:
+def check_shard(shard: str, launched: bool, quantize: str, precision: str = "fp32", auto: bool = False) -> None:
     """What `--shard` needs before any work: an engine that is installed, a process group."""
     if shard == "zero3" and find_spec("deepspeed") is None:
         raise AdapterkitError("--shard zero3 needs DeepSpeed, which is not installed: pip install deepspeed (or "
@@ -44,8 +44,9 @@ def check_shard(shard: str, launched: bool, quantize: str, precision: str = "fp3
         raise AdapterkitError(f"--shard {shard} cannot shard a --quantize {quantize} base (bitsandbytes weights are "
                               f"not plain tensors); use --shard none with --quantize, or --shard {shard} without it")
     if shard == "zero3" and precision == "bf16":
-        raise AdapterkitError("--shard zero3 trains in fp32 here (a bf16 base beside fp32 adapter weights is not "
-                              "set up for DeepSpeed's partitions); pass --precision fp32, or use --shard fsdp")
+        chosen = " (--precision auto chose bf16 on this hardware)" if auto else ""
+        raise AdapterkitError(f"--shard zero3 trains in fp32 here{chosen}: a bf16 base beside fp32 adapter weights is "
+                              "not set up for DeepSpeed's partitions; pass --precision fp32, or use --shard fsdp")
 
 
 class Steps:
