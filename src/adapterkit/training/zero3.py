@@ -41,8 +41,8 @@ class Zero3Steps(Steps):
             "gradient_accumulation_steps": per_process,  # the engine steps once per global batch
             "train_batch_size": micro * per_process * world.size,
             "gradient_clipping": max_grad_norm,  # DeepSpeed's clip is torch's: max_norm / (norm + 1e-6), capped at 1
-            # memory_efficient_linear would replace torch.nn.functional.linear process-wide with its own
-            # autograd function (other rounding than the 1-process run; a patch of torch we do not want)
+            # memory_efficient_linear would replace torch.nn.functional.linear for the whole process with
+            # DeepSpeed's own autograd function: a patch of torch that outlives the run
             "zero_optimization": {"stage": 3, "memory_efficient_linear": False},
             "zero_allow_untested_optimizer": True,  # torch's AdamW, the one every other run uses
             "steps_per_print": QUIET,
@@ -55,7 +55,7 @@ class Zero3Steps(Steps):
                                                config=config, dist_init_required=False)
         super().__init__(engine, params, FullOptimizer(optimizer, params, sizes), scheduler, world, max_grad_norm)
         self.engine = engine
-        if resumed:
+        if resumed:  # the fp32 partitions AdamW steps on (DeepSpeed's attribute: no public accessor in 0.19.8)
             self.optimizer.restore(engine.optimizer.fp32_partitioned_groups_flat, resumed)
 
     def backward(self, loss: torch.Tensor, scale: float) -> None:
