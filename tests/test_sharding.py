@@ -5,6 +5,7 @@
   checkpoint's shards, and each shard file holds only part of them.
 - Process 1 raising in a forward ends the job within 30 s with its error, no adapter written; the run's
   sharded checkpoint then resumes on 1 unsharded process to the uninterrupted run's adapter.
+- A 1-process (unsharded) checkpoint resumes on 2 sharded processes to the uninterrupted run's adapter.
 - Launched through `torchrun` and through `accelerate launch`; bad input is one line, exit 2, nothing written.
 """
 
@@ -113,11 +114,17 @@ def _sharded_run(setup, method: str) -> Path:
     return setup["runs"][method]
 
 
+def _single_run(setup, method: str) -> Path:
+    out = setup["root"] / f"one-{method}"
+    if not out.exists():
+        assert _one_process(_args(setup, method, out)) == 0
+    return out
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_sharded_processes_equal_one_and_save_the_gathered_weights(setup, method):
     two = _sharded_run(setup, method)
-    one = setup["root"] / f"one-{method}"
-    assert _one_process(_args(setup, method, one)) == 0
+    one = _single_run(setup, method)
     sharded, single = _weights(two), _weights(one)
     assert _max_diff(sharded, single) <= 1e-5
     run = json.loads((two / "run.json").read_text())
@@ -152,6 +159,16 @@ def test_failing_process_stops_the_job_and_the_sharded_checkpoint_resumes_on_one
     # resume the 2-process sharded checkpoint on 1 process, unsharded
     assert _one_process(_args(setup, "lora", out, "--resume", "auto")) == 0
     assert _max_diff(_weights(out), _weights(_sharded_run(setup, "lora"))) <= 1e-5
+
+
+def test_an_unsharded_checkpoint_resumes_sharded(setup):
+    one = _single_run(setup, "lora")
+    out = setup["root"] / "one-to-fsdp"
+    step2 = checkpoint_dirs(one)[0]
+    assert step2.name == "step-0000002" and not (step2 / "sharded").exists()
+    done = _launch("torchrun", _args(setup, "lora", out, "--shard", "fsdp", "--resume", str(step2)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _max_diff(_weights(out), _weights(one)) <= 1e-5
 
 
 @pytest.mark.parametrize(("extra", "env", "expect"), [

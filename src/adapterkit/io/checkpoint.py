@@ -23,7 +23,7 @@ from ..training.distributed import World, barrier
 from ..training.sharding import is_sharded
 from .files import note_outputs, save_tensors, writing
 from .native import read_adapter, trainable_only
-from .sharded import SHARDED_DIR, load_state, save_gathered, save_state, shard_count
+from .sharded import SHARDED_DIR, load_state, load_unsharded, save_gathered, save_state, shard_count
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -44,7 +44,7 @@ def save_checkpoint(output: Path, step: int, adapted, optimizer, scheduler, posi
     """Write checkpoint `step` (with `texts`, e.g. the metrics so far, inside it) and keep the last `keep`.
     The folder is renamed into place only when every file is written. In a sharded run (`world.sharded`)
     every process calls this and writes its shard; the main one writes the rest and renames."""
-    sharded = world is not None and world.sharded
+    sharded = world is not None and world.shard == "fsdp"
     main = world is None or world.main
     root = output / "checkpoints"
     final = root / f"step-{step:07d}"
@@ -61,8 +61,11 @@ def save_checkpoint(output: Path, step: int, adapted, optimizer, scheduler, posi
             save_gathered(adapted, tmp, adapted._single_name(), world)
             save_state(tmp / SHARDED_DIR, adapted, optimizer, adapted._single_name())
             tensors, groups = {}, _jsonable(optimizer.state_dict()["param_groups"])  # moments are in the shards
-        else:
-            adapted.save(tmp)
+        else:  # one process, or ZeRO-3's partitions gathered whole on every process: an unsharded checkpoint
+            if world is not None and world.sharded:
+                save_gathered(adapted, tmp, adapted._single_name(), world)
+            elif main:
+                adapted.save(tmp)
             tensors, groups = _optimizer_tensors(optimizer)
         if main:
             tensors["rng.torch"] = torch.get_rng_state()
@@ -151,8 +154,8 @@ def _shards_problem(state: dict, directory: Path) -> str | None:
 
 def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; returns the saved state (step, data position),
-    with the metrics saved inside the checkpoint under "metrics". A sharded checkpoint loads into any
-    number of processes, sharded or not."""
+    with the metrics saved inside the checkpoint under "metrics". Any checkpoint loads into any number
+    of processes, sharded or not (a ZeRO-3 run loads before its engine partitions the model)."""
     saved = read_checkpoint(directory)
     state = saved["state"]
     errors: tuple = (ValueError, KeyError, RuntimeError, TypeError, AdapterkitError)
@@ -165,8 +168,11 @@ def load_checkpoint(directory: Path, adapted, optimizer, scheduler) -> dict:
             load_state(directory / SHARDED_DIR, adapted, optimizer, adapted._single_name(), saved["weights"])
             for group, kept in zip(optimizer.param_groups, state["param_groups"], strict=True):
                 group.update({k: v for k, v in kept.items() if k != "params"})
-        elif any(is_sharded(p) for p in adapted.parameters()):
-            raise AdapterkitError("it was written by a run without --shard; resume it without --shard")
+        elif any(is_sharded(p) for p in adapted.parameters()):  # an unsharded checkpoint into FSDP's shards
+            load_unsharded(adapted, optimizer, adapted._single_name(), saved["weights"],
+                           _optimizer_state(saved["tensors"], state["param_groups"]))
+            for group, kept in zip(optimizer.param_groups, state["param_groups"], strict=True):
+                group.update({k: v for k, v in kept.items() if k != "params"})
         else:
             adapted.load_adapter_state_dict(saved["weights"])
             optimizer.load_state_dict(_optimizer_state(saved["tensors"], state["param_groups"]))

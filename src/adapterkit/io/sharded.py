@@ -6,7 +6,8 @@ first process alone writes, after checking count, shapes and emptiness against t
 Adapter weights and optimizer moments of a checkpoint are saved with torch.distributed.checkpoint (DCP)
 as safetensors shards, one file per process, with their offsets inside (its Hugging Face storage
 writer: no pickled metadata). DCP reads them back into any layout, so a checkpoint of 2 processes
-resumes on 1 process, sharded or not.
+resumes on 1 process, sharded or not. An unsharded checkpoint (one process, or ZeRO-3's gathered one)
+resumes sharded too: each process keeps its part of the full tensors (`load_unsharded`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from ..errors import AdapterkitError
 from ..training.distributed import World, barrier
-from ..training.sharding import adapter_parameters, full_tensor, gathered_adapter, root_gathered
+from ..training.sharding import adapter_parameters, full_tensor, gathered_adapter, is_sharded, root_gathered
 from . import native
 
 SHARDED_DIR = "sharded"
@@ -77,3 +78,28 @@ def load_state(directory: Path, adapted, optimizer, name: str, weights: dict[str
         got = full_tensor(p.detach()).cpu()
         if key not in weights or not torch.equal(got, weights[key].to(got.dtype)):
             raise AdapterkitError(f"its sharded weights differ from its adapter file at {key}")
+
+
+def _placed(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `like`: this process's shard of it when `like` is a DTensor."""
+    full = full.to(like.dtype)
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    # every process holds the whole tensor already: each cuts its own part, no scatter
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def load_unsharded(adapted, optimizer, name: str, weights: dict[str, torch.Tensor], state: dict) -> None:
+    """An unsharded checkpoint's full adapter and AdamW moments (`state`: torch's optimizer state dict,
+    parameters by index) into this sharded run; every process keeps its own part of each tensor."""
+    order = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    with torch.no_grad():
+        for key, p in adapter_parameters(adapted, name).items():
+            if key not in weights or tuple(weights[key].shape) != tuple(p.shape):
+                raise AdapterkitError(f"its adapter has no weight {key} of shape {tuple(p.shape)}")
+            p.copy_(_placed(weights[key], p))
+            slots = state["state"].get(order.get(id(p)), {})
+            if p.requires_grad and slots:
+                optimizer.state[p] = {slot: _placed(v, p) if v.dim() else v.clone() for slot, v in slots.items()}

@@ -49,7 +49,8 @@ from ..training.distributed import (
     planned_size,
     sum_across,
 )
-from ..training.sharding import SHARDS, check_shard, shard_model
+from ..training.sharding import SHARDS, Steps, check_shard, shard_model
+from ..training.zero3 import Zero3Steps
 from .common import generation_info
 from .reporting import REPORTERS, check_reporter, make_reporter
 from .run_files import effective_yaml, finish_run, jsonl
@@ -94,7 +95,8 @@ class TrainSettings:
     compile: bool = option(False, "torch.compile the model; the first steps (one per new batch shape) compile, "
                            "and the first step's time is printed")
     shard: str = option("none", "fsdp: shard the model over the launched processes (FSDP2: each decoder layer, then "
-                        "the rest), zero3: DeepSpeed ZeRO-3 (see README), none: every process holds the whole model",
+                        "the rest), zero3: DeepSpeed ZeRO-3 (adapterkit[zero3], fp32; see README), none: every process holds the "
+                        "whole model",
                         choices=SHARDS)
     overwrite: bool = option(False, "replace what an earlier run wrote in --output (other files are refused)")
     allow_new_data: bool = option(False, "with --resume: continue on data that differs from the run's")
@@ -105,7 +107,7 @@ class TrainSettings:
 
     def validate(self, processes: int) -> None:
         """What depends on the launcher: the global batch must split over micro-batches and processes."""
-        check_shard(self.shard, launched(), self.quantize)
+        check_shard(self.shard, launched(), self.quantize, self.precision)
         if self.batch_size % (self.micro_batch_size * processes):
             raise AdapterkitError(
                 f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size {self.micro_batch_size}"
@@ -160,7 +162,7 @@ def train(settings: TrainSettings) -> dict:
     processes, the first one alone prints and writes (sharded runs write checkpoints' shards from each);
     a process that fails stops the others at their next collective, each with one line."""
     settings.validate(planned_size())  # before joining the group: every process refuses alike
-    world = init_world(sharded=settings.shard == "fsdp")
+    world = init_world(settings.shard)
     try:
         with warnings.catch_warnings():
             if not world.main:
@@ -200,6 +202,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
     train_records, val_records = split_validation(records, settings.val_set_size, settings.seed)
     torch.manual_seed(settings.seed)
     precision = resolve_precision(settings.precision, world.device)
+    check_shard(settings.shard, launched(), settings.quantize, precision, settings.precision == "auto")
     model, tokenizer = load_model(settings.model, precision, settings.quantize)
     model.to(world.device)
     config = extend_vocabulary(model, tokenizer, config)  # --new-tokens: before the data is tokenised
@@ -225,7 +228,7 @@ def _train(settings: TrainSettings, world: World) -> dict:
         with adapted.disabled():
             check_packing(adapted, encoded, tokenizer.pad_token_id, 1e-3 if precision == "fp32" else 5e-2)
         batch_of = collate_packed
-    if world.sharded:
+    if world.shard == "fsdp":
         shard_model(adapted, precision)
     if settings.compile:
         adapted.compile()
@@ -269,6 +272,9 @@ def _train(settings: TrainSettings, world: World) -> dict:
                                                                       world.size > 1 else "")
               + f"; precision {precision}" + (" (auto)" if settings.precision == "auto" else ""), flush=True)
         write_files(output, {"config.yaml": effective_yaml(settings, config)}, {}, record=True)
+    # ZeRO-3 partitions the model here (after the report above counted its parameters)
+    steps = Zero3Steps(adapted, params, optimizer, scheduler, world, micro, per_step // world.size) \
+        if world.shard == "zero3" else Steps(adapted, params, optimizer, scheduler, world)
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not world.main)
     reporter = make_reporter(settings.report_to if world.main else "none", output, asdict(settings))
     started = time.time()
@@ -294,12 +300,11 @@ def _train(settings: TrainSettings, world: World) -> dict:
                     note_outputs(output, ["best"])
                 save_adapter(adapted, output / "best", world)
         if (world.main or world.sharded) and (step % settings.save_steps == 0 or step == total):
-            save_checkpoint(output, step, adapted, optimizer, scheduler, {"best": best, "data": data_history},
+            save_checkpoint(output, step, adapted, steps.optimizer, scheduler, {"best": best, "data": data_history},
                             settings.save_total_limit, texts={"metrics.jsonl": jsonl(metrics)}, world=world)
 
     try:
-        fit(adapted, my_micro_batches, start, total, optimizer, scheduler, params, world, per_step,
-            autocast=autocast, after_step=after_step)
+        fit(steps, my_micro_batches, start, total, world, per_step, autocast=autocast, after_step=after_step)
     finally:
         bar.close()  # before any error line, so that line is the last one printed
         reporter.close()

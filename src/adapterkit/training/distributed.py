@@ -2,7 +2,7 @@
 
 Both launchers set WORLD_SIZE/RANK/LOCAL_RANK; each process then trains on its share of every
 global batch and the adapter gradients are summed across processes before each optimizer step (under
-`--shard fsdp`, FSDP's own reduce-scatter sums them: see sharding.py).
+`--shard fsdp`, FSDP's own reduce-scatter sums them; under `--shard zero3`, DeepSpeed's: see sharding.py).
 
 A process that fails exits, and the others' next collective then fails at once (gloo sees the closed
 connection); `peer_failure` turns that into one line pointing at the failed process's own error.
@@ -26,7 +26,11 @@ class World:
     rank: int = 0
     size: int = 1
     device: torch.device = torch.device("cpu")
-    sharded: bool = False  # parameters are FSDP shards (DTensors); gradients are reduced by FSDP
+    shard: str = "none"  # fsdp: parameters are DTensors; zero3: DeepSpeed partitions; both reduce gradients
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard != "none"
 
     @property
     def main(self) -> bool:
@@ -57,9 +61,9 @@ def planned_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_world(sharded: bool = False) -> World:
+def init_world(shard: str = "none") -> World:
     """One process, or join the group the launcher described in the environment (also a group of one
-    process when `sharded`: FSDP needs a group)."""
+    process when sharded: FSDP and DeepSpeed need a group)."""
     mismatch = launcher_mismatch(dict(os.environ))
     if mismatch:
         raise AdapterkitError(mismatch)
@@ -67,7 +71,7 @@ def init_world(sharded: bool = False) -> World:
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-    if size == 1 and not sharded:
+    if size == 1 and shard == "none":
         return World(device=device)
     if not dist.is_initialized():
         # A process that stops answering (alive but stuck) ends the job after this long; one that exits is
@@ -76,7 +80,7 @@ def init_world(sharded: bool = False) -> World:
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
     if cuda:
         torch.cuda.set_device(device)
-    return World(dist.get_rank(), dist.get_world_size(), device, sharded)
+    return World(dist.get_rank(), dist.get_world_size(), device, shard)
 
 
 def peer_failure(exc: BaseException, world: World) -> AdapterkitError | None:

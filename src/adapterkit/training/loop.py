@@ -7,6 +7,7 @@ batches, for tests and notebooks.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 
@@ -15,8 +16,9 @@ from torch import nn
 
 from ..errors import AdapterkitError
 from .allocator import tune_allocator
-from .distributed import World, sum_across, sum_gradients
+from .distributed import World, sum_across
 from .loss import labelled_loss
+from .sharding import Steps
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -37,7 +39,8 @@ def make_optimizer(model: nn.Module, lr: float, warmup: int, total: int):
     return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total))
 
 
-def micro_step(model: nn.Module, batch: dict, scale: float, autocast: torch.dtype | None) -> tuple[float, int]:
+def micro_step(model: nn.Module, batch: dict, scale: float, autocast: torch.dtype | None,
+               backward: Callable[[torch.Tensor, float], None] | None = None) -> tuple[float, int]:
     """Forward and backward of one micro-batch; returns (its mean loss, its tokens, padding excluded).
 
     `autocast` wraps the forward only: autocast caches its casts of the weights until its block
@@ -49,18 +52,23 @@ def micro_step(model: nn.Module, batch: dict, scale: float, autocast: torch.dtyp
     extra = model.extra_loss() if hasattr(model, "extra_loss") else None  # a method's regulariser, in fp32
     if extra is not None:
         loss = loss + extra
-    (loss * scale).backward()
+    if backward is None:
+        (loss * scale).backward()
+    else:
+        backward(loss, scale)
     tokens = batch["tokens"] if "tokens" in batch else batch["attention_mask"].sum()  # packed rows count their own
     return loss.item(), int(tokens)
 
 
-def fit(model: nn.Module, micro_batches: Callable[[int], list[dict]], start: int, total: int, optimizer,
-        scheduler, params: list, world: World, accumulation: int, max_grad_norm: float = 1.0,
-        autocast: torch.dtype | None = None, after_step: Callable[[int, float, int], None] | None = None) -> None:
-    """Optimizer steps start..total-1; `micro_batches(step)` gives this process's share of a step. An
+def fit(steps: Steps, micro_batches: Callable[[int], list[dict]], start: int, total: int, world: World,
+        accumulation: int, autocast: torch.dtype | None = None,
+        after_step: Callable[[int, float, int], None] | None = None) -> None:
+    """Optimizer steps start..total-1; `micro_batches(step)` gives this process's share of a step;
+    `steps` runs the backward and the step (sum, clip, AdamW, schedule: plain torch or DeepSpeed's). An
     AdaptedModel's methods take part through its hooks: start_training(total), extra_loss() added to each
     micro-batch's loss, after_optimizer_step(step) while the gradients are still there."""
     tune_allocator()
+    model = steps.model
     hooks = hasattr(model, "after_optimizer_step")
     if hooks:
         model.start_training(total)
@@ -68,20 +76,14 @@ def fit(model: nn.Module, micro_batches: Callable[[int], list[dict]], start: int
     for step in range(start, total):
         losses = torch.zeros(2, dtype=torch.float64)  # sum of micro-batch losses, tokens
         for batch in micro_batches(step):
-            loss, tokens = micro_step(model, batch, 1.0 / accumulation, autocast)
+            loss, tokens = micro_step(model, batch, 1.0 / accumulation, autocast, steps.backward)
             losses += torch.tensor([loss, tokens], dtype=torch.float64)
-        sum_gradients(params, world)
         loss_sum, tokens = sum_across(losses, world).tolist()
         loss = loss_sum / accumulation
         if not math.isfinite(loss):
             raise AdapterkitError(f"loss became {loss} at step {step + 1}: stopped before it reached the "
                                   "weights; lower --learning-rate or check the data")
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        if hooks:
-            model.after_optimizer_step(step)
-        optimizer.zero_grad(set_to_none=True)
+        steps.step(functools.partial(model.after_optimizer_step, step) if hooks else lambda: None)
         if after_step:
             after_step(step + 1, loss, int(tokens))
     model.eval()
@@ -99,6 +101,6 @@ def train_steps(model: nn.Module, batches: Iterator[dict], steps: int, lr: float
         if on_step:
             on_step(step - 1, loss)
 
-    fit(model, lambda step: [next(batches) for _ in range(accumulation)], 0, steps, optimizer, scheduler, params,
-        World(), accumulation, max_grad_norm, autocast, record)
+    fit(Steps(model, params, optimizer, scheduler, World(), max_grad_norm),
+        lambda step: [next(batches) for _ in range(accumulation)], 0, steps, World(), accumulation, autocast, record)
     return losses
