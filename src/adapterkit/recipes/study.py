@@ -98,7 +98,7 @@ class StudySettings:
         if self.preset == "llm-adapters":
             if not self.train_data:
                 raise AdapterkitError("--preset llm-adapters trains on LLM-Adapters' math_10k.json, which is not "
-                                      "shipped: pass --train-data FILE (and --model, e.g. a LLaMA-7B folder)")
+                                      "shipped: pass --train-data FILE (and --model, the 7B base it targets)")
             self.methods = list(PAPER_RUNS) if self.methods == ["all"] else self.methods
             self.tasks = list(PAPER_TASKS) if self.tasks == [MATH_SLICE] else self.tasks
             if unknown := [m for m in self.methods if m not in PAPER_RUNS]:
