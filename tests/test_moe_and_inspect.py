@@ -162,13 +162,15 @@ def test_target_groups_resolve_from_the_table():
 
 def test_inspect_lists_experts_router_and_counts(tmp_path, capsys):
     folder = save_tiny("mixtral", tmp_path / "mixtral")
+    capsys.readouterr()  # saving may import DeepSpeed (through accelerate), which prints its accelerator
     assert main(["inspect", str(folder), "--json", "--method", "lora", "--options",
                  '{"target_modules": ["attn"], "target_parameters": ["experts"]}']) == 0
     report = json.loads(capsys.readouterr().out)
     roles = report["roles"]
     assert roles["experts"]["count"] == 2 and roles["experts"]["shape"]["gate_up_proj"] == [4, 128, 32]
     assert roles["router"]["count"] == 2 and roles["router"]["shape"] == {"weight": [4, 32]}
-    assert report["groups"] == {"all-linear": 8, "attn": 8, "mlp": 0, "experts (target_parameters)": 4}
+    assert report["groups"] == {"all-linear": 8, "attn": 8, "mlp": 0, "llm-adapters": 6,  # q, k, v: no MLP linears
+                                "experts (target_parameters)": 4}
     assert report["all_linear_reaches_experts"] is False
     # trainable: per layer q(32x32), k(16x32), v(16x32), o(32x32) at r 8, experts at r 8: 4 x (128+32 + 32+64) x 8
     per_layer = 8 * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32)) + 4 * 8 * ((32 + 128) + (64 + 32))
@@ -181,3 +183,16 @@ def test_an_unknown_family_gets_the_row_it_needs():
     with pytest.raises(ak.AdapterkitError, match=r"Its layers look like model\.layers \(2\), each with linear "
                                                  r"layers self_attn\.q_proj.*adapterkit inspect"):
         ak.adapt(model, ak.LoraConfig())
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("llama", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"]),
+    ("gpt2", ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"]),  # fused qkv
+])
+def test_llm_adapters_target_group_is_the_papers_lora_layers(family, expected):
+    """LLM-Adapters' LoRA runs: q, k, v (or the fused qkv), the MLP's up and down projections."""
+    from adapterkit.architectures import ModelLayout
+
+    layout = ModelLayout(tiny_model(family))
+    prefix = layout.layer_path(1) + "."
+    assert [p.removeprefix(prefix) for p in layout.group_sites(1, "llm-adapters")] == expected
