@@ -124,6 +124,7 @@ def _plots(out: Path, rows: list[dict], runs: dict, settings) -> None:
             rates = sorted(r for r, loss in info["sweep"].items() if loss is not None)  # failed pilots: no point
             ax.plot(rates, [info["sweep"][r] for r in rates], "o-", label=name)
     ax.set_xscale("log")
+    ax.set_yscale("log")  # a diverged rate (prefix tuning at 3e-2: 17) would flatten every other curve
     ax.set(xlabel="learning rate", ylabel="pilot validation loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
