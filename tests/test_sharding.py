@@ -44,12 +44,17 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_llama_dir):
-    root = tmp_path_factory.mktemp("sharding")
+def module_setup(tmp_path_factory, tiny_llama_dir, name: str) -> dict:
+    """A module's folder, its training file and the tiny model; `runs` keeps each finished run once."""
+    root = tmp_path_factory.mktemp(name)
     data = root / "data.json"
     data.write_text(json.dumps(RECORDS))
     return {"root": root, "data": data, "model": Path(tiny_llama_dir), "runs": {}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_llama_dir):
+    return module_setup(tmp_path_factory, tiny_llama_dir, "sharding")
 
 
 def _args(setup, method: str, output: Path, *extra) -> list[str]:

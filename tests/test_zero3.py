@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_sharding import RECORDS, _args, _launch, _max_diff, _one_process, _weights
+from test_sharding import _args, _launch, _max_diff, _one_process, _weights, module_setup
 
 from adapterkit.cli import main
 from adapterkit.io.checkpoint import checkpoint_dirs
@@ -32,10 +32,7 @@ LR = ["--learning-rate", "1e-3"]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_llama_dir):
-    root = tmp_path_factory.mktemp("zero3")
-    data = root / "data.json"
-    data.write_text(json.dumps(RECORDS))
-    return {"root": root, "data": data, "model": Path(tiny_llama_dir), "runs": {}}
+    return module_setup(tmp_path_factory, tiny_llama_dir, "zero3")
 
 
 def _run(setup, method: str, processes: int, *extra) -> Path:
