@@ -111,7 +111,7 @@ def check(adapted, name: str, saved: dict | None, trained_steps: int = 0) -> dic
         # an adapter not applied, or applied to other modules, moves that change by about 100% of itself.
         change_drift = relative_drift(torch.tensor(now["adapted"]) - torch.tensor(now["base"]),
                                       saved_adapted - saved_base)
-        if not (now["drift"] <= tolerance or saved_dtype != dtype and change_drift <= CROSS_PRECISION):
+        if not (now["drift"] <= tolerance or (saved_dtype != dtype and change_drift <= CROSS_PRECISION)):
             raise AdapterkitError(f"the adapted model's probe logits drift from the saved fingerprint by "
                                   f"{now['drift']:.2g} (> {tolerance:g} for {dtype}"
                                   + (f"; the adapter's change by {change_drift:.2g} > {CROSS_PRECISION:g}"

@@ -8,8 +8,9 @@ it usually trains at (LoRA and bottleneck adapters 1e-4, 3e-4, 1e-3; prompt meth
 (IA)3 and VeRA higher), `--pilot-steps` steps each on the first seed. When the lowest validation loss
 is at an end of the sweep, the next rate past that end on the 1-3-10 grid is piloted too (at most 3 each
 way), so a method whose good rates lie outside its declared three is not ranked at a bad one. The rate
-with the lowest validation loss trains the full budget. A pilot that fails (diverges, or leaves the model unchanged) counts as the
-worst rate and is recorded as such; the study stops only when every pilot of a method fails.
+with the lowest validation loss trains the full budget. A pilot that fails (diverges, or leaves the model
+unchanged) counts as the worst rate and is recorded as such; the study stops only when every pilot of a
+method fails.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ PAPER_RUNS = {
     "prefix-tuning": {"batch_size": 8, "num_epochs": 5, "learning_rate": 3e-2, "num_virtual_tokens": 10},
 }
 PAPER_TASKS = ["MultiArith", "gsm8k", "AddSub", "AQuA", "SingleEq", "SVAMP"]  # its math accuracy table
+
+
+def paper_run(method: str) -> dict:
+    """The `train` settings of LLM-Adapters' run of `method`."""
+    return {**PAPER_COMMON, **PAPER_RUNS[method]}
 MATH_SLICE = "math-slice"  # the demo's held-out math items (not in the math training file)
 
 
@@ -177,18 +183,19 @@ def training_data(settings: StudySettings, out: Path) -> Path:
 
 def learning_rates(settings: StudySettings, method: str) -> list[float]:
     if settings.preset == "llm-adapters":
-        return [{**PAPER_COMMON, **PAPER_RUNS[method]}["learning_rate"]]
+        return [paper_run(method)["learning_rate"]]
     if settings.lrs != ["auto"]:
         return [float(r) for r in settings.lrs]
     return list(get_method(method).study_lrs)
 
 
-def steps_for(settings: StudySettings, out: Path) -> int:
-    """The step count of a full run. tokens=N and seconds=N are turned into steps from the first pilot's
-    measured tokens and seconds per step, so every method trains the same number of steps."""
-    kind, value = parse_budget(settings.budget)
+def steps_for(settings: StudySettings, out: Path) -> int | None:
+    """The step count of a full run (None: --preset llm-adapters, each method's own epochs). tokens=N and
+    seconds=N are turned into steps from the first pilot's measured tokens and seconds per step, so every
+    method trains the same number of steps."""
     if settings.preset == "llm-adapters":
-        return None  # each method's own epochs
+        return None
+    kind, value = parse_budget(settings.budget)
     if kind == "steps":
         return value
     pilot = next(out.glob("runs/*/pilot-*/run.json"), None)
@@ -211,7 +218,7 @@ def run_config(settings: StudySettings, method: str, lr: float, seed: int, steps
               "save_steps": steps, "template": settings.template, "seed": seed, "precision": settings.precision,
               "resume": "auto"}
     if settings.preset == "llm-adapters":
-        config.update({**PAPER_COMMON, **PAPER_RUNS[method]})
+        config.update(paper_run(method))
     return config
 
 
