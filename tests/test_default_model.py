@@ -46,7 +46,9 @@ METHOD_CONFIGS = {
     "prefix-tuning": lambda: ak.get_method("prefix-tuning").config_class(num_virtual_tokens=10),
     "p-tuning-v2": lambda: ak.get_method("p-tuning-v2").config_class(num_virtual_tokens=10),
 }
-LEARNING_RATES = {"prompt-tuning": 1e-1, "p-tuning": 1e-2, "prefix-tuning": 1e-3, "p-tuning-v2": 3e-2}
+# p-tuning at 1e-2 sat where bf16 rounding decided the 10-step outcome (final loss 0.87-1.04 over seeds and
+# attention kernels); at 3e-3 it falls by about 0.17 on either
+LEARNING_RATES = {"prompt-tuning": 1e-1, "p-tuning": 3e-3, "prefix-tuning": 1e-3, "p-tuning-v2": 3e-2}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from . import attention
 from .errors import AdapterkitError
 from .quantization import quantization_config, quantized_layers
 
@@ -72,6 +73,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
         raise AdapterkitError(f"--quantize {quantize}: {name_or_path} has no linear layer bitsandbytes can quantize "
                               "(it converts torch.nn.Linear and Conv1D layers, not the output head); use --quantize none")
     tokenizer = load_tokenizer(folder)
+    attention.install(model)  # bf16 training on a CPU: batched products, not the slow fused backward
     model.eval()
     model.adapterkit_source = name_or_path  # recorded in saved adapters, so `verify` can find the base
     model.adapterkit_quantize = quantize  # recorded too: an adapter trained on a quantized base says so

@@ -132,6 +132,7 @@ def run_one(spec: dict) -> dict:
 
         if spec["gc"]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.set_attn_implementation("sdpa")  # PEFT's users load with transformers' default attention
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
         loss_of = None  # its own: full logits and transformers' loss

@@ -86,6 +86,7 @@ def build(spec: dict):
                   "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
                                                             prefix_projection=True, encoder_hidden_size=512),
                   }[kind]()
+        model.set_attn_implementation("sdpa")  # PEFT's users load with transformers' default attention
         model = peft.get_peft_model(model, config)
         if kind == "lora" and spec.get("rank"):
             raise SystemExit("rank sweep is for adapterkit only")
