@@ -40,16 +40,16 @@ def _lora_model():
 def test_packed_losses_per_record_equal_the_unpacked_ones():
     model, examples = _lora_model(), _examples([9, 5, 12, 7, 6])
     rows = pack(examples, width=24)
-    assert [r["lengths"] for r in rows] == [[9, 5], [12, 7], [6]]
+    assert [r["lengths"] for r in rows] == [[12, 9], [7, 6, 5]]  # best fit, longest first
+    assert [r["records"] for r in rows] == [[2, 0], [3, 4, 1]]
     batch = collate_packed(rows, pad_id=0)
     with torch.no_grad():
         packed = _token_losses(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      position_ids=batch["position_ids"]).logits, batch["labels"])
-    records = iter(examples)
     for r, row in enumerate(rows):
         start = 0
-        for n in row["lengths"]:
-            alone = collate([next(records)], pad_id=0)
+        for n, index in zip(row["lengths"], row["records"], strict=True):
+            alone = collate([examples[index]], pad_id=0)
             with torch.no_grad():
                 expected = _token_losses(model(**{k: alone[k] for k in ("input_ids", "attention_mask")}).logits,
                                          alone["labels"]).sum()
