@@ -50,11 +50,17 @@ def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.view(batch, heads, q_len, dim)
 
 
+def saved_bytes(batch: int, heads: int, q_len: int, k_len: int) -> int:
+    """What one layer keeps for its backward on the matmul path (bf16 probabilities), 0 where the path
+    is not taken for that size; `adapterkit plan` counts it."""
+    size = batch * heads * q_len * k_len * 2
+    return size if q_len > 1 and size <= MAX_SAVED_BYTES else 0
+
+
 def takes_matmul_path(query: torch.Tensor, key: torch.Tensor, dropout: float, kwargs: dict) -> bool:
     batch, heads, q_len, _ = query.shape
-    saved = batch * heads * q_len * key.shape[2] * query.element_size()
     return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and torch.is_grad_enabled()
-            and query.requires_grad and q_len > 1 and dropout == 0.0 and saved <= MAX_SAVED_BYTES
+            and query.requires_grad and dropout == 0.0 and saved_bytes(batch, heads, q_len, key.shape[2]) > 0
             and all(name in _HANDLED_KWARGS or value is None or value is False for name, value in kwargs.items()))
 
 

@@ -9,7 +9,8 @@ method attaches to it as it would to the real model, and the prediction adds up:
 - the adapter: fp32 weights, their gradients and AdamW's two moments (16 bytes a parameter);
 - activations per layer and token, in the compute dtype: the two normalisations' fp32 inputs, queries,
   keys, values and the attention output, the MLP's inner tensors, the inputs of the adapter's own matrices
-  (what autograd keeps to compute their gradients), and the attention's per-head statistics; with
+  (what autograd keeps to compute their gradients), and the attention's per-head statistics (in bf16 on a
+  CPU, for short rows, the attention probabilities: see attention.py); with
   gradient checkpointing only each layer's input, plus one layer recomputed in the backward pass;
 - logits and loss: the logits of one micro-batch with their gradient (fp32: also the log-softmax);
 - a fixed baseline for Python, torch, transformers and the tokenizer (bitsandbytes adds a little).
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from ..architectures import ModelLayout, architecture_of, is_linear, linear_shape
+from ..attention import saved_bytes
 from ..core import AdaptedModel
 from ..errors import AdapterkitError
 from ..hardware import resolve_precision
@@ -194,6 +196,8 @@ def plan(settings: PlanSettings) -> dict:
     def activations(micro: int) -> dict[str, int]:
         tokens, layers = micro * (settings.seq + virtual), layout.shape.layers
         layer = tokens * (element * (per_token["compute"] + adapter_per_token / layers) + 4 * per_token["fp32"])
+        if precision == "bf16" and model._can_set_attn_implementation():  # the CPU training attention's
+            layer += saved_bytes(micro, layout.shape.heads, settings.seq + virtual, settings.seq + virtual)
         if settings.gradient_checkpointing:  # each layer's input, one layer recomputed and its backward
             kept = layers * tokens * element * layout.shape.hidden + 2 * layer
         else:
