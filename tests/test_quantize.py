@@ -126,8 +126,12 @@ def test_int8_base_trains_lora(tiny_llama_dir):
     assert losses[-1] < losses[0] - 0.2
 
 
-def test_cli_trains_on_nf4_and_merges_into_the_full_base(tiny_llama_dir, tmp_path, capsys):
+def test_cli_trains_on_nf4_and_merges_into_the_dequantized_base(tiny_llama_dir, tmp_path, capsys):
+    """By default the merge adds B A to the nf4 weights the adapter trained on, dequantized (bitsandbytes'
+    own dequantize_4bit, by hand here); --quantize none adds it to the full-precision weights."""
     import json
+
+    from safetensors.torch import load_file
 
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"instruction": f"{a}+{b}", "output": str(a + b)} for a in range(5) for b in range(5)]))
@@ -135,9 +139,30 @@ def test_cli_trains_on_nf4_and_merges_into_the_full_base(tiny_llama_dir, tmp_pat
     assert main(["train", "--model", str(tiny_llama_dir), "--data", str(data), "--output", str(run), "--quantize",
                  "nf4", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "4", "--learning-rate", "1e-2",
                  "--warmup-steps", "0", "--val-set-size", "0", "--template", "bare", "--precision", "fp32"]) == 0
-    assert json.loads((run / "adapter_config.json").read_text())["base_model"]["quantize"] == "nf4"
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["base_model"]["quantize"] == "nf4"
+    capsys.readouterr()
     assert main(["merge", "--model", str(tiny_llama_dir), "--adapter", str(run), "--output", str(tmp_path / "m")]) == 0
-    assert "merged checkpoint written" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nf4 base dequantized to fp32" in out and "merged checkpoint written" in out
+    assert main(["merge", "--model", str(tiny_llama_dir), "--adapter", str(run), "--output", str(tmp_path / "full"),
+                 "--quantize", "none"]) == 0
+    report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
+    assert report["base"] == "nf4, dequantized to fp32"
+    assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
+    adapter = load_file(run / "adapter_model.safetensors")
+    a = next(v for k, v in adapter.items() if "layers.0.self_attn.q_proj" in k and "lora_A" in k)
+    b = next(v for k, v in adapter.items() if "layers.0.self_attn.q_proj" in k and "lora_B" in k)
+    update = (config.get("alpha", 16) / config.get("r", 8)) * b @ a
+    nf4, _ = load_model(str(tiny_llama_dir), "fp32", "nf4")
+    layer = nf4.model.layers[0].self_attn.q_proj
+    dequantized = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    full = _full_model(tiny_llama_dir).model.layers[0].self_attn.q_proj.weight
+    key = "model.layers.0.self_attn.q_proj.weight"
+    merged_q, merged_full = (load_file(tmp_path / name / "model.safetensors")[key] for name in ("m", "full"))
+    assert update.abs().max() > 1e-4  # it trained
+    torch.testing.assert_close(merged_q, dequantized + update, rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged_full, full + update, rtol=0, atol=1e-5)
 
 
 def test_quantize_bad_input(tiny_llama_dir, tmp_path, monkeypatch, capsys):

@@ -2,8 +2,8 @@
 NF4 with double quantization, QLoRA's format. bitsandbytes has a CPU backend; it is an optional extra.
 
 Adapters never quantize their own weights: LoRA adds its full-precision update to the quantized layer's
-output, bottleneck and prompt adapters need nothing quantized. Merging needs the full-precision
-weights: `adapterkit merge` loads the base unquantized.
+output, bottleneck and prompt adapters need nothing quantized. Merging needs float weights: `adapterkit
+merge` dequantizes the base the adapter was trained on (`dequantized`), or loads the full-precision one.
 """
 
 from __future__ import annotations
@@ -42,3 +42,16 @@ def is_quantized(weight: torch.Tensor) -> bool:
 def quantized_layers(model: torch.nn.Module) -> int:
     return sum(1 for m in model.modules() if hasattr(m, "weight") and isinstance(m.weight, torch.Tensor)
                and is_quantized(m.weight) and not isinstance(m, torch.nn.Embedding))
+
+
+def dequantized(model: torch.nn.Module) -> torch.nn.Module:
+    """The quantized base with its quantized linear layers replaced by float ones holding the dequantized
+    weights (transformers' own `dequantize`): the weights an adapter trained on it saw, now mergeable."""
+    kind = getattr(model, "adapterkit_quantize", "none")
+    model = model.dequantize()
+    if quantized_layers(model):
+        raise AdapterkitError("the base still has quantized layers after dequantizing; merge with --quantize none")
+    # the same weights, but bitsandbytes' CPU kernels compute in bf16 (probe logits about 1% apart), so an
+    # adapter's fingerprint from the quantized base is not compared on this one (its identity still is)
+    model.adapterkit_quantize = f"{kind}, dequantized"
+    return model

@@ -9,14 +9,18 @@ import torch
 from ..core import AdaptedModel
 from ..io import load
 from ..models import load_model
+from ..quantization import dequantized
 
 COMPILE_HELP = "torch.compile the model: faster steady state; each new input shape's first call compiles"
 
 
 def load_for_inference(model_name: str, adapter: str | None, dtype: str = "fp32", force: bool = False,
-                       quantize: str = "none", compile: bool = False):
-    """(model or AdaptedModel, tokenizer) ready for generation."""
+                       quantize: str = "none", compile: bool = False, dequantize: bool = False):
+    """(model or AdaptedModel, tokenizer) ready for generation; `dequantize`: the quantized base's weights
+    dequantized into float layers (what merging into it needs)."""
     model, tokenizer = load_model(model_name, dtype, quantize)
+    if dequantize and quantize != "none":
+        model = dequantized(model)
     if adapter:
         adapted = AdaptedModel(model)
         adapted.tokenizer = tokenizer
