@@ -7,8 +7,10 @@ of 4, the math training file) trains for `--steps` steps twice through `adapterk
 base and on the nf4 base (QLoRA's format, bitsandbytes), the same batches in the same order. Both
 adapters are evaluated on the demo's clean math slice (test items not in the training file), greedy,
 fp32 (the nf4 one on its nf4 base). The nf4 adapter is then merged into the nf4 base dequantized to
-fp32 (`adapterkit merge`'s default for it), and the merged checkpoint is evaluated on the same items:
-its answers should be the unmerged quantized model's.
+fp32 (`adapterkit merge`'s default for it), and the merged checkpoint is evaluated on the same items,
+against two references: the unmerged adapter on that same dequantized base in fp32 (what merging must
+preserve), and the unmerged adapter on the nf4 base itself, whose bitsandbytes CPU kernels round
+differently. `--reuse` keeps runs and evaluations already in the output folder.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--items", type=int, default=100)
     parser.add_argument("--output", default="runs/nf4-quality")
     parser.add_argument("--write", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--reuse", action="store_true", help="keep the runs and evaluations already in --output")
     args = parser.parse_args(argv)
     from adapterkit.io.files import write_files
     from adapterkit.models import DEFAULT_MODEL
+    from adapterkit.recipes.common import load_for_inference
     from adapterkit.recipes.demo import TRAIN_FILE, clean_math_slice
-    from adapterkit.recipes.evaluate import EvalSettings, run_eval
+    from adapterkit.recipes.evaluate import EvalSettings, evaluate, run_eval
     from adapterkit.recipes.merge import MergeSettings, merge
     from adapterkit.recipes.train import TrainSettings, train
 
@@ -49,8 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     write_files(out, {items.name: json.dumps(clean_math_slice(args.items), indent=1)}, {})
     common = dict(data=str(items), task_type="math", train_data=str(TRAIN_FILE), batch_size=16, max_new_tokens=160)
     runs, evals = {}, {}
+
+    def done(folder: Path) -> bool:
+        return args.reuse and (folder / "results.json").is_file()
+
     for quantize in ("none", "nf4"):
         runs[quantize] = out / f"lora-{quantize}"
+        if done(out / f"eval-{quantize}") and (runs[quantize] / "run.json").is_file():
+            evals[quantize] = json.loads((out / f"eval-{quantize}" / "results.json").read_text())
+            continue
         train(TrainSettings(
             data=str(TRAIN_FILE), output=str(runs[quantize]), method="lora", batch_size=8, micro_batch_size=4,
             max_steps=args.steps, learning_rate=1e-3, warmup_steps=5, val_set_size=0, precision="bf16",
@@ -58,10 +69,21 @@ def main(argv: list[str] | None = None) -> None:
             method_options={"r": 16, "alpha": 32, "target_modules": "all-linear"}))
         evals[quantize] = run_eval(EvalSettings(DEFAULT_MODEL, str(runs[quantize]), output=str(out / f"eval-{quantize}"),
                                                 quantize=quantize, **common))
-    drift = merge(MergeSettings(adapter=str(runs["nf4"]), output=str(out / "merged-nf4"), overwrite=True))
-    evals["merged"] = run_eval(EvalSettings(str(out / "merged-nf4"), None, output=str(out / "eval-merged"), **common))
-    unmerged, merged = _answers(out / "eval-nf4"), _answers(out / "eval-merged")
-    agree = sum(a == b for a, b in zip(unmerged, merged, strict=True))
+    if done(out / "eval-merged"):
+        drift = json.loads((out / "merged-nf4" / "merge_report.json").read_text())["max_logit_change"]
+        evals["merged"] = json.loads((out / "eval-merged" / "results.json").read_text())
+    else:
+        drift = merge(MergeSettings(adapter=str(runs["nf4"]), output=str(out / "merged-nf4"), overwrite=True))
+        evals["merged"] = run_eval(EvalSettings(str(out / "merged-nf4"), None, output=str(out / "eval-merged"),
+                                                **common))
+    if not (out / "eval-dequantized" / "predictions.jsonl").is_file() or not args.reuse:
+        model, tokenizer = load_for_inference(DEFAULT_MODEL, str(runs["nf4"]), quantize="nf4", dequantize=True)
+        records = json.loads(items.read_text())
+        predictions, _ = evaluate(model, tokenizer, records, "math", "alpaca", 16, 160)
+        write_files(out / "eval-dequantized", {"predictions.jsonl": "".join(json.dumps(p) + "\n" for p in predictions)}, {})
+    merged = _answers(out / "eval-merged")
+    agree = {ref: sum(a == b for a, b in zip(_answers(out / f"eval-{ref}"), merged, strict=True))
+             for ref in ("nf4", "dequantized")}
     losses = {q: _losses(run) for q, run in runs.items()}
     tail = {q: statistics.mean(values[-10:]) for q, values in losses.items()}
     seconds = {q: json.loads((run / "run.json").read_text())["seconds"] for q, run in runs.items()}
@@ -82,10 +104,14 @@ def main(argv: list[str] | None = None) -> None:
               "(target: within 3%).\n"
               f"- Accuracy cost of the nf4 base: {100 * (evals['nf4']['accuracy'] - evals['none']['accuracy']):+.0f} "
               "points.\n"
-              f"- The nf4 adapter merged into the dequantized base: the same greedy answer as the unmerged quantized "
-              f"model on {agree} of {len(merged)} items ({100 * agree / len(merged):.0f}%; target 95%); largest "
-              f"logit change merged against unmerged at the merge's probe: {drift:.2e}. The unmerged model runs "
-              "bitsandbytes' CPU kernels, which compute in bf16; the merged one is plain fp32.\n")
+              f"- The nf4 adapter merged into the dequantized base (largest logit change merged against unmerged at "
+              f"the merge's probe: {drift:.2e}) gives the same greedy answer (up to 160 tokens) as the unmerged "
+              f"adapter on the same dequantized base on {agree['dequantized']} of {len(merged)} items, and as the "
+              f"unmerged adapter on the nf4 base on {agree['nf4']} of {len(merged)} "
+              f"({100 * agree['nf4'] / len(merged):.0f}%; the issue's target is 95%). That second gap is not the "
+              "merge's: the nf4 model runs bitsandbytes' CPU kernels, which round differently from the same "
+              "weights dequantized to fp32, and greedy decoding of a 135M model amplifies the difference over "
+              "long answers.\n")
     print(report)
     if args.write:
         write_section(Path(args.write), report, "nf4_quality")
