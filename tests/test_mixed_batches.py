@@ -7,10 +7,12 @@ import torch
 from tiny_models import tiny_batch, tiny_model
 
 import adapterkit as ak
+from adapterkit.methods import gathered
+from adapterkit.methods.adalora import AdaloraConfig, AdaloraEffect
 from adapterkit.methods.bottleneck import AdapterHConfig, AdapterPConfig, ParallelConfig, SeriesAdapter
 from adapterkit.methods.lora_effects import DoraEffect, LoraEffect
 
-ADAPTERS = {  # name: LoRA settings; two ranks, so the site holds two gathered groups
+ADAPTERS = {  # name: LoRA settings; two ranks in one gathered group
     "a": dict(r=4, alpha=8), "b": dict(r=4, alpha=4), "c": dict(r=2, alpha=8), "d": dict(r=4, alpha=8),
 }
 ROWS = ["a", "b", None, "c", "a", "d", "b", "c"]
@@ -136,3 +138,67 @@ def test_gathered_rows_across_families(family):
     mixed = adapted(input_ids=ids, adapter_names=rows).logits
     for row, name in enumerate(rows):
         torch.testing.assert_close(mixed[row], _alone(adapted, ids, name)[row], atol=1e-5, rtol=0)
+
+
+FORMS = {"side-by-side": 10**6, "per-row": 0}  # gathered.py's width limits that force one form of the product
+KINDS = {  # LoRA of two ranks (one with bias deltas), DoRA of two ranks, AdaLoRA: all in one group per site
+    "r4": lambda: ak.LoraConfig(r=4, alpha=8, target_modules="all-linear"),
+    "r2b": lambda: ak.LoraConfig(r=2, alpha=8, bias="lora_only", target_modules="all-linear"),
+    "dora3": lambda: ak.LoraConfig(r=3, alpha=4, use_dora=True, target_modules="all-linear"),
+    "dora5": lambda: ak.LoraConfig(r=5, alpha=4, use_dora=True, target_modules=["q_proj", "o_proj"]),
+    "ada": lambda: AdaloraConfig(init_r=6, target_r=2, alpha=3, target_modules="all-linear"),
+}
+
+
+def _with(adapted, configs: dict):
+    for i, (name, config) in enumerate(configs.items()):
+        adapted = ak.adapt(adapted, config(), name=name)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in adapted._parameters_of(adapted.records[name]).values():
+                p.add_(torch.randn_like(p) * 0.2)
+    return adapted.eval()
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("length", [1, 5])
+@torch.no_grad()
+def test_lora_dora_adalora_of_mixed_ranks_run_as_one_group(form, length, monkeypatch):
+    """Every low-rank adapter at a site, ranks 2 to 6, in one gathered group: padded (per row) or masked (side
+    by side), each row equals its adapter alone; plain LoRA rows next to DoRA rows are left unscaled."""
+    model = tiny_model("llama")
+    with torch.no_grad():  # a base bias on q, so DoRA's base term (y - bias) is exercised
+        q = model.model.layers[0].self_attn.q_proj
+        q.bias = torch.nn.Parameter(torch.randn(q.out_features) * 0.1)
+    adapted = _with(model, KINDS)
+    rows = ["dora3", "r4", None, "ada", "r2b", "dora5", "r4", "dora3", "ada"]
+    ids = tiny_batch(batch=len(rows), length=length)["input_ids"]
+    alone = {name: _alone(adapted, ids, name) for name in set(rows)}
+    monkeypatch.setattr(gathered, "SIDE_BY_SIDE_ONE_TOKEN", FORMS[form])
+    monkeypatch.setattr(gathered, "SIDE_BY_SIDE_TOKENS", FORMS[form])
+    for kind in (LoraEffect, DoraEffect, AdaloraEffect):
+        monkeypatch.setattr(kind, "on_output", lambda *a: pytest.fail("an adapter ran row by row"))
+    mixed = adapted(input_ids=ids, adapter_names=rows).logits
+    for row, name in enumerate(rows):
+        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-5, rtol=0)
+    site = model.model.layers[0].self_attn.q_proj
+    assert [names for names, _, _ in site._gather_groups().values()] == [tuple(KINDS)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@torch.no_grad()
+def test_bottlenecks_of_mixed_sizes_run_as_one_group(form, monkeypatch):
+    adapted = _with(tiny_model("llama"), {
+        "h6": lambda: AdapterHConfig(bottleneck_size=6, non_linearity="gelu", scaling=0.7),
+        "p3": lambda: AdapterPConfig(bottleneck_size=3, non_linearity="gelu", scaling="learned"),
+        "p9": lambda: AdapterPConfig(bottleneck_size=9, non_linearity="gelu", scaling=1.3)})
+    rows = ["p9", "h6", None, "p3", "h6", "p9"]
+    ids = tiny_batch(batch=len(rows), length=4)["input_ids"]
+    alone = {name: _alone(adapted, ids, name) for name in set(rows)}
+    monkeypatch.setattr(gathered, "SIDE_BY_SIDE_TOKENS", FORMS[form])
+    monkeypatch.setattr(SeriesAdapter, "on_output", lambda *a: pytest.fail("a series adapter ran row by row"))
+    mixed = adapted(input_ids=ids, adapter_names=rows).logits
+    for row, name in enumerate(rows):
+        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-5, rtol=0)
+    site = adapted.causal_lm.model.layers[0].mlp.down_proj
+    assert [names for names, _, _ in site._gather_groups().values()] == [("h6", "p3", "p9")]

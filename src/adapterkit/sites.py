@@ -52,6 +52,12 @@ class Effect(nn.Module):
         """This adapter's tensors of the gathered product; the site stacks them along a new dim 0."""
         raise NotImplementedError
 
+    def gather_stack(self, per_adapter: list[tuple]) -> tuple:
+        """What gather_rows reads, from every adapter's gather_tensors (in the group's order): by default
+        each tensor stacked over adapters, with a last slot from gather_identity."""
+        identity = self.gather_identity(per_adapter[0])
+        return tuple(torch.stack([*column, empty]) for *column, empty in zip(*per_adapter, identity, strict=True))
+
     def gather_identity(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """The tensors of the slot for rows without such an adapter (it must leave y unchanged)."""
         return tuple(torch.zeros_like(t) for t in tensors)
@@ -278,10 +284,7 @@ class AdapterSite(nn.Module):
                 return cached[3]
             stacked = cached[1]
         else:
-            per_adapter = [effect.gather_tensors() for effect in members]
-            identity = members[0].gather_identity(per_adapter[0])
-            stacked = tuple(torch.stack([*column, empty]) for *column, empty in zip(*per_adapter, identity,
-                                                                                      strict=True))
+            stacked = members[0].gather_stack([effect.gather_tensors() for effect in members])
         rows = members[0].gather_rows(stacked, self._state.slots_of(names, device))
         if reuse:
             self._stacks[key] = (stamp, stacked, rows_key, rows)

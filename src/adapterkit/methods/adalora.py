@@ -105,7 +105,7 @@ class AdaloraEffect(WeightUpdateEffect):
         self.lora_A = nn.Parameter(torch.randn(r, in_features) * 0.02)
         self.lora_E = nn.Parameter(torch.zeros(r, 1))
         self.lora_B = nn.Parameter(torch.randn(out_features, r) * 0.02)
-        self.lora_bias = None  # (LoraEffect's gathered product reads it)
+        self.lora_bias = None  # (as a LoraEffect's without a bias delta)
         self.scaling = config.alpha / (r + EPS)
         self.dropout = Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.importance: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # weight -> (EMA sensitivity, EMA unc.)
@@ -118,18 +118,16 @@ class AdaloraEffect(WeightUpdateEffect):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling
 
-    # A mixed batch runs all AdaLoRA adapters of equal shapes at a site as LoRA's gathered product of
-    # A' = A * E and B' = scale B.
-    def gather_key(self) -> tuple | None:
-        return (type(self), tuple(self.lora_A.shape), tuple(self.lora_B.shape), self.lora_A.dtype,
-                getattr(self.dropout, "p", 0.0))
+    # A mixed batch runs AdaLoRA in LoRA's group (any rank), as LoRA's gathered product of A' = A * E and
+    # B' = scale B.
+    gather_key = LoraEffect.gather_key
 
-    def gather_tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.lora_A * self.lora_E, self.lora_B * self.scaling
+    def gather_tensors(self) -> tuple:
+        return self.lora_A * self.lora_E, None, self.lora_B * self.scaling, None, None, None
 
+    gather_stack = LoraEffect.gather_stack
     gather_rows = LoraEffect.gather_rows
     on_output_gathered = LoraEffect.on_output_gathered
-    _gathered_update = LoraEffect._gathered_update
 
     def triplet_scores(self) -> torch.Tensor:
         """[r]: each triplet's score, PEFT's combination: E's score + (mean over Q's row + mean over P's column)."""

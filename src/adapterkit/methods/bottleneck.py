@@ -25,6 +25,7 @@ from ..errors import AdapterkitError
 from ..settings import option
 from ..sites import Dropout, Effect, base_module, cast_for_adapter
 from ..targets import match_modules
+from .gathered import Composition
 from .registry import Method, register_method
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
@@ -165,28 +166,27 @@ class Bottleneck(Effect):
         h = cast_for_adapter(x, self.adapter_down.weight)
         return self.adapter_up(self.drop(self.act(self.adapter_down(h)))) * self.adapter_scale
 
-    # Mixed batches: adapters of one shape at one site run as one gathered product (see sites.Effect).
+    # Mixed batches: adapters of one kind at one site, any bottleneck size, run as one gathered product
+    # (methods/gathered.py: down = D, up = U, the scale folded into U and e).
     def gather_key(self) -> tuple | None:
         if not self.acts_on_output or getattr(self, "source", None) is not None:
             return None  # on the input, or fed by a captured sub-layer input: row by row
-        return (type(self), tuple(self.adapter_down.weight.shape), tuple(self.adapter_up.weight.shape),
+        return (type(self), self.adapter_down.in_features, self.adapter_up.out_features,
                 self.adapter_down.weight.dtype, type(self.act), getattr(self.drop, "p", 0.0))
 
     def gather_tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.adapter_down.weight, self.adapter_down.bias, self.adapter_up.weight, self.adapter_up.bias,
-                self.adapter_scale)
+        return (self.adapter_down.weight, self.adapter_down.bias, self.adapter_up.weight * self.adapter_scale,
+                self.adapter_up.bias * self.adapter_scale)
 
-    def gather_rows(self, stacked, slots):
-        down, down_bias, up, up_bias, scale = stacked
-        return (down[slots].transpose(1, 2), down_bias[slots].unsqueeze(1), up[slots].transpose(1, 2),
-                up_bias[slots].unsqueeze(1), scale[slots].view(-1, 1, 1))
+    def gather_stack(self, per_adapter: list[tuple]) -> list[tuple]:
+        return per_adapter  # sizes differ: gather_rows puts each composition's adapters together
 
-    def gathered_adapter(self, rows, x: torch.Tensor) -> torch.Tensor:
+    def gather_rows(self, stacked, slots) -> Composition:
+        return Composition(stacked, slots)
+
+    def gathered_adapter(self, rows: Composition, x: torch.Tensor) -> torch.Tensor:
         """Per row, its own adapter on x, as (rows, tokens, features out)."""
-        down_t, down_bias, up_t, up_bias, scale = rows
-        h = cast_for_adapter(x, down_t).reshape(down_t.shape[0], -1, down_t.shape[1])
-        h = self.drop(self.act(torch.baddbmm(down_bias, h, down_t)))
-        return torch.baddbmm(up_bias, h, up_t) * scale
+        return rows.product(cast_for_adapter(x, rows.parts[0][0]), lambda h: self.drop(self.act(h)))
 
 
 class SeriesAdapter(Bottleneck):

@@ -1,8 +1,8 @@
 """LoRA's effects at a site: the low-rank update, DoRA's normalised one, a bias delta, a trained copy.
 
-A mixed batch (one adapter per row) runs all LoRA (or DoRA) adapters of equal rank at one site as one
-gathered product: their A and B stacked once, each row multiplied by its own adapter's pair (as
-Punica's and S-LoRA's kernels do), instead of a loop over adapters.
+A mixed batch (one adapter per row) runs all LoRA, DoRA and AdaLoRA adapters at one site, whatever
+their ranks, as one gathered product (methods/gathered.py): each row multiplied by its own adapter's
+pair (as Punica's and S-LoRA's kernels do), instead of a loop over adapters; DoRA's rows then rescaled.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterkitError
 from ..quantization import is_quantized
 from ..sites import Dropout, Effect, cast_for_adapter
+from .gathered import Composition
 from .linear_update import add_checked, refuse_quantized, write_checked
 
 
@@ -48,27 +49,39 @@ class LoraEffect(Effect):
             delta = delta + self.lora_bias
         return y + delta.to(y.dtype)
 
+    # A mixed batch: every LoRA-family adapter (LoRA, DoRA, AdaLoRA; any rank) at a site is one group.
     def gather_key(self) -> tuple | None:
-        return (type(self), tuple(self.lora_A.shape), tuple(self.lora_B.shape), self.lora_A.dtype,
-                getattr(self.dropout, "p", 0.0), self.lora_bias is not None)
+        return ("low-rank", self.lora_A.shape[1], self.lora_B.shape[0], self.lora_A.dtype,
+                getattr(self.dropout, "p", 0.0) if self.training else 0.0)
 
-    def gather_tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.lora_A, self.lora_B * self.scaling, *([] if self.lora_bias is None else [self.lora_bias])
+    def gather_tensors(self) -> tuple:
+        """(A, None, s B, None, bias delta or None, DoRA's (scale, base bias) or None): gathered.Composition's
+        parts; the bias is added after DoRA's rescaling, so it is not the product's e."""
+        return self.lora_A, None, self.lora_B * self.scaling, None, self.lora_bias, None
 
-    def gather_rows(self, stacked, slots):
-        """A^T [rows, in, r], (s B)^T [rows, r, out] and the bias [rows, 1, out] of each row's adapter."""
-        lora_A, scaled_B, *bias = stacked
-        return lora_A[slots].transpose(1, 2), scaled_B[slots].transpose(1, 2), *(b[slots].unsqueeze(1) for b in bias)
+    def gather_stack(self, per_adapter: list[tuple]) -> list[tuple]:
+        return per_adapter  # widths differ: gather_rows puts each composition's adapters together
+
+    def gather_rows(self, stacked, slots) -> Composition:
+        rows = Composition(stacked, slots)
+        extras = [p[4:] for p in rows.parts]
+        rows.bias = None if all(b is None for b, _ in extras) else rows.per_row_values([b for b, _ in extras], 0.0)
+        rows.dora = None
+        if any(d is not None for _, d in extras):  # per row its scale (1 for plain LoRA rows) and scale - 1
+            scale = rows.per_row_values([None if d is None else d[0] for _, d in extras], 1.0)
+            rows.dora = (scale, scale - 1, next(d[1] for _, d in extras if d is not None))
+        return rows
 
     def on_output_gathered(self, rows, x, y):
-        lora, bias = self._gathered_update(rows, x)
-        return y + (lora if bias is None else lora + bias).reshape(y.shape).to(y.dtype)
-
-    def _gathered_update(self, rows, x) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per row, its own scaling * B A dropout(x), as (rows, tokens, out); and its bias delta."""
-        lora_At, scaled_Bt, *bias = rows
-        h = cast_for_adapter(self.dropout(x), lora_At).reshape(lora_At.shape[0], -1, lora_At.shape[1])
-        return torch.bmm(torch.bmm(h, lora_At), scaled_Bt), bias[0] if bias else None
+        """Per row its own s B A dropout(x); DoRA rows rescaled as DoRA.on_output; then the bias deltas."""
+        delta = rows.product(cast_for_adapter(self.dropout(x), rows.parts[0][0]))
+        if rows.dora is not None:  # (s - 1) base + s lora, which is lora exactly on a row of s = 1
+            scale, less_one, base_bias = rows.dora
+            base = (y if base_bias is None else y - base_bias).to(delta.dtype).reshape(delta.shape)
+            delta = torch.addcmul(scale * delta, less_one, base)
+        if rows.bias is not None:
+            delta = delta + rows.bias
+        return y + delta.reshape(y.shape).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, shaped like the base weight."""
@@ -125,26 +138,12 @@ class DoraEffect(LoraEffect):
             return None  # its base term is recomputed on each adapter's dropped input: row by row
         return super().gather_key()
 
-    def gather_tensors(self) -> tuple[torch.Tensor, ...]:
+    def gather_tensors(self) -> tuple:
         scale = self.magnitude / self._weight_norm(self._weight(self.magnitude.dtype)).detach()
-        return *super().gather_tensors(), scale
-
-    def gather_rows(self, stacked, slots):
-        return *super().gather_rows(stacked[:-1], slots), stacked[-1][slots].unsqueeze(1)
-
-    def gather_identity(self, tensors):
-        return (*super().gather_identity(tensors[:-1]), torch.ones_like(tensors[-1]))
+        return *super().gather_tensors()[:5], (scale, self._base[0].bias)
 
     def gather_sources(self) -> list[torch.Tensor]:
         return [*self.parameters(), self._base[0].weight]
-
-    def on_output_gathered(self, rows, x, y):
-        lora, bias = self._gathered_update(rows[:-1], x)
-        base_bias = self._base[0].bias
-        base = (y if base_bias is None else y - base_bias).to(lora.dtype).reshape(lora.shape)
-        scale = rows[-1].to(lora.dtype)
-        delta = (scale - 1) * base + scale * lora
-        return y + (delta if bias is None else delta + bias).reshape(y.shape).to(y.dtype)
 
     @torch.no_grad()
     def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
