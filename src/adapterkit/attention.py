@@ -83,6 +83,13 @@ def cpu_training_attention(module, query, key, value, attention_mask, dropout: f
     return out.transpose(1, 2).contiguous(), None
 
 
+def applies_to(model) -> bool:
+    """Whether `install` reroutes this model: it runs sdpa through transformers' attention functions
+    (not eager by choice, nor a model class with attention code of its own). `adapterkit plan` asks too."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == "sdpa" and model._can_set_attn_implementation()
+
+
 def install(model) -> None:
     """Route a model's sdpa attention through `cpu_training_attention` (models on eager attention, or
     another kernel, keep theirs). transformers' registries are keyed by name, so other models in the
@@ -90,9 +97,8 @@ def install(model) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa" or not model._can_set_attn_implementation():
-        return  # eager by choice, or a model class with attention code of its own
+    if not applies_to(model):
+        return
     AttentionInterface.register(NAME, cpu_training_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..architectures import ModelLayout, architecture_of, is_linear, linear_shape
-from ..attention import saved_bytes
+from ..attention import applies_to, saved_bytes
 from ..core import AdaptedModel
 from ..errors import AdapterkitError
 from ..hardware import resolve_precision
@@ -182,6 +182,7 @@ def plan(settings: PlanSettings) -> dict:
     element = 2 if precision == "bf16" else 4
     config = method_config(settings.method, settings.options)
     model = meta_model(settings.model, dtype)
+    attention_applies = applies_to(model)  # load_model installs the CPU training attention on such a model
     architecture_of(model)  # an unsupported family is the table's own one-line error
     weights = weight_bytes(model, settings.quantize)
     base_parameters = sum(p.numel() for p in model.parameters())
@@ -196,7 +197,7 @@ def plan(settings: PlanSettings) -> dict:
     def activations(micro: int) -> dict[str, int]:
         tokens, layers = micro * (settings.seq + virtual), layout.shape.layers
         layer = tokens * (element * (per_token["compute"] + adapter_per_token / layers) + 4 * per_token["fp32"])
-        if precision == "bf16" and model._can_set_attn_implementation():  # the CPU training attention's
+        if precision == "bf16" and attention_applies:  # the CPU training attention's
             layer += saved_bytes(micro, layout.shape.heads, settings.seq + virtual, settings.seq + virtual)
         if settings.gradient_checkpointing:  # each layer's input, one layer recomputed and its backward
             kept = layers * tokens * element * layout.shape.hidden + 2 * layer
