@@ -33,6 +33,9 @@ class Architecture:
     TensorNameMap name, LLaMA-shaped hyperparameters), "reordered-qk" (the same, with the rows of the
     query and key projections permuted to llama.cpp's rotary layout, its LlamaModel.permute), None
     (the converter reshapes, transposes or offsets tensors: adapterkit writes no GGUF for it).
+    logit_transforms: config attributes of what the causal LM does to its head's output (soft-capping,
+    scaling); where none is set (None, or a scale of 1) the logits are the head applied to the decoder's
+    last hidden state, and training may fuse the head with the loss (`ModelLayout.plain_head`).
     """
 
     layers: str
@@ -54,6 +57,7 @@ class Architecture:
     experts_layout: str = "out_in"
     gguf: str | None = None
     gguf_tensors: str | None = None
+    logit_transforms: tuple[str, ...] = ()
 
     def query_roles(self) -> tuple[str, ...]:
         """The projections a default LoRA targets: query and value, or the fused projection."""
@@ -133,15 +137,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     # post-sub-layer norms (the attn_out/mlp_out outputs are taken before them); OLMo 2 has only
     # post-norms, so its MLP input is the raw residual stream.
     "qwen3": _llama_like(gguf="qwen3"),
-    "gemma2": _llama_like(gguf="gemma2"),
-    "gemma3_text": _llama_like(gguf="gemma3"),
+    "gemma2": _llama_like(gguf="gemma2", logit_transforms=("final_logit_softcapping",)),
+    "gemma3_text": _llama_like(gguf="gemma3", logit_transforms=("final_logit_softcapping",)),
     "phi3": _llama_like(q=None, k=None, v=None, qkv="self_attn.qkv_proj", mlp_in=("mlp.gate_up_proj",), gguf="phi3"),
     "olmo2": _llama_like(gguf="olmo2"),
     "smollm3": _llama_like(gguf="smollm3"),
     "stablelm": _llama_like(gguf="stablelm"),
-    "granite": _llama_like(gguf="granite"),
+    "granite": _llama_like(gguf="granite", logit_transforms=("logits_scaling",)),
     "starcoder2": _llama_like(mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj", gguf="starcoder2"),
-    "cohere": _llama_like(gguf="command-r"),
+    "cohere": _llama_like(gguf="command-r", logit_transforms=("logit_scale",)),
     # Mixture of experts: fused expert weights in transformers 5.
     "mixtral": _moe(gguf="llama"),
     "qwen2_moe": _moe(gguf="qwen2moe"),
@@ -232,6 +236,11 @@ class ModelLayout:
         if not getattr(self.model.config, "head_dim", None) and shape.hidden % shape.heads:
             raise AdapterkitError(f"architecture field 'heads': {shape.heads} heads do not divide the hidden size "
                                   f"{shape.hidden} (and the config gives no head_dim)")
+
+    @property
+    def plain_head(self) -> bool:
+        config = self.model.config
+        return all(getattr(config, name, None) in (None, 1, 1.0) for name in self.arch.logit_transforms)
 
     def layer_path(self, index: int) -> str:
         return f"{self.arch.layers}.{index}"

@@ -12,7 +12,9 @@ method attaches to it as it would to the real model, and the prediction adds up:
   (what autograd keeps to compute their gradients), and the attention's per-head statistics (in bf16 on a
   CPU, for short rows, the attention probabilities: see attention.py); with
   gradient checkpointing only each layer's input, plus one layer recomputed in the backward pass;
-- logits and loss: the logits of one micro-batch with their gradient (fp32: also the log-softmax);
+- logits and loss: where the loss takes over the output head (training/loss.py's `fused_head`), one block
+  of rows' logits and log-softmax and the rows' gradient; elsewhere the logits of one micro-batch with
+  their gradient (fp32: also the log-softmax);
 - a fixed baseline for Python, torch, transformers and the tokenizer (bitsandbytes adds a little).
 
 The constants were measured on the default model with the benchmark (python -m adapterkit.bench.memory),
@@ -38,6 +40,7 @@ from ..models import DEFAULT_MODEL, default_model_folder
 from ..quantization import QUANTIZE
 from ..settings import check_fields, option
 from ..sites import INPUTS
+from ..training.loss import LOSS_BLOCK_ROWS, fused_head
 from .train import method_config
 
 GIB = 1024 ** 3
@@ -193,6 +196,7 @@ def plan(settings: PlanSettings) -> dict:
     per_token = activation_elements(layout)
     adapter_per_token = adapter_inputs(adapted)
     virtual = getattr(config, "num_virtual_tokens", 0) or 0
+    fused = fused_head(adapted) is not None  # training fuses the head with the loss
 
     def activations(micro: int) -> dict[str, int]:
         tokens, layers = micro * (settings.seq + virtual), layout.shape.layers
@@ -203,8 +207,11 @@ def plan(settings: PlanSettings) -> dict:
             kept = layers * tokens * element * layout.shape.hidden + 2 * layer
         else:
             kept = (layers + 1) * layer
-        logits = tokens * vocab * (3 * 4 if precision == "fp32" else 2 * 2) + (0 if precision == "fp32" else
-                                                                               2 * 128 * vocab * 4)
+        if fused:  # one block's logits and fp32 log-softmax at a time, and the rows' gradient
+            logits = LOSS_BLOCK_ROWS * vocab * (element + 4) + 2 * tokens * layout.shape.hidden * element
+        else:
+            logits = tokens * vocab * (3 * 4 if precision == "fp32" else 2 * 2) + (
+                0 if precision == "fp32" else 2 * LOSS_BLOCK_ROWS * vocab * 4)
         return {"activations": int(ACTIVATION_FACTOR * kept), "logits and loss": int(ACTIVATION_FACTOR * logits)}
 
     fixed = {"runtime": BASELINE + (BASELINE_QUANTIZED if settings.quantize != "none" else 0),
