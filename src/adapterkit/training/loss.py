@@ -15,22 +15,37 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def labelled_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """The causal LM loss with logits computed only where a label exists (transformers' boolean
     `logits_to_keep`): the output projection over the vocabulary (49k rows for the default model)
-    skips the prompt and padding. Equal to `causal_lm_loss` of the full logits. While training an
-    adapted model whose head is a plain frozen projection (`fused_head`), the head and the loss run
-    fused, a block of rows at a time, and no logits are kept at all."""
+    skips the prompt and padding. Equal to `causal_lm_loss` of the full logits.
+
+    While training through a plain frozen head (`fused_head`), the loss takes the head's input rows
+    as the model's forward reaches the head (a pre-hook: parameters a sharded model gathers for its
+    forward are there) and runs head and loss fused; the head itself then computes no rows.
+    """
     labels = batch["labels"]
     targets = labels[:, 1:]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets != -100
     wanted = targets[targets != -100]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": keep,
               **({"position_ids": batch["position_ids"]} if "position_ids" in batch else {})}  # packed rows
-    head = fused_head(model) if torch.is_grad_enabled() else None
+    head = fused_head(model) if torch.is_grad_enabled() and wanted.numel() else None
     if head is not None:
-        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
-        rows = hidden[:, hidden.shape[1] - labels.shape[1]:][keep]  # virtual tokens, if any, come first
-        return head_cross_entropy(rows, head, wanted) if wanted.numel() else rows.sum() * 0.0
-    logits = model(**inputs, logits_to_keep=keep).logits
+        taken = []
+
+        def take_rows(module: nn.Module, args: tuple) -> tuple:
+            (rows,) = args  # the hidden states at the kept positions, in the logits' order
+            taken.append(head_cross_entropy(rows.reshape(-1, rows.shape[-1]), module, wanted))
+            return (rows[..., :0, :],)
+
+        handle = head.register_forward_pre_hook(take_rows)
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+        if len(taken) != 1:
+            raise RuntimeError(f"the output head ran {len(taken)} times in one forward; expected once")
+        return taken[0]
+    logits = model(**inputs).logits
     logits = logits.reshape(-1, logits.shape[-1])
     if wanted.numel() == 0:
         return logits.sum() * 0.0
@@ -40,10 +55,10 @@ def labelled_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def fused_head(model: nn.Module) -> nn.Linear | None:
-    """The output head, where the loss may take it over: an adapted model (its `base_model` gives the
-    decoder's hidden states with the adapters running) of a family whose logits are the head's output
-    unchanged (`ModelLayout.plain_head`), the head a plain frozen `nn.Linear` with no hooks
-    (not an adapter's site, not quantized, not sharded). None otherwise: the model computes its logits."""
+    """The output head, where the loss may take it over: an adapted model of a family whose logits are
+    the head's output unchanged (`ModelLayout.plain_head`), the head a plain frozen `nn.Linear` with no
+    hooks of its own (not an adapter's site, not quantized, not gathered by DeepSpeed). None otherwise:
+    the model computes its logits."""
     from ..core import AdaptedModel
 
     if not isinstance(model, AdaptedModel) or not model.layout.plain_head:
