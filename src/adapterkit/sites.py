@@ -190,7 +190,6 @@ class AdapterSite(nn.Module):
         self.effects = nn.ModuleDict()
         self.merged: list[str] = []
         self.checkpointed = False  # recompute this module in backward (gradient checkpointing)
-        self.tile_tokens = 0       # > 0: a per-token module (an MLP) trained a tile of positions at a time
         self._stacks: dict = {}    # gather key -> (stamp of the sources, stack, rows' key, rows' tensors)
         self._groups: tuple | None = None  # (signature, gather groups), see _gather_groups
         object.__setattr__(self, "_state", state)  # shared, so never registered as a child
@@ -205,30 +204,9 @@ class AdapterSite(nn.Module):
             return getattr(self.base_layer, name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self.training and torch.is_grad_enabled():
-            if self.checkpointed:
-                return checkpoint(self._run, x, *args, use_reentrant=False, **kwargs)
-            if self.tile_tokens and x.dim() == 3 and x.shape[1] > self.tile_tokens:
-                return self._tiled(x, *args, **kwargs)
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            return checkpoint(self._run, x, *args, use_reentrant=False, **kwargs)
         return self._run(x, *args, **kwargs)
-
-    def _tiled(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """A per-token module over tiles of positions, each tile checkpointed: its inner tensors (an MLP's
-        are several times the hidden size a token) exist for one tile at a time, in forward and backward,
-        for one more forward of the module. Tensor arguments of x's [batch, positions] are tiled with it."""
-        if any(isinstance(a, torch.Tensor) and a.shape[:2] != x.shape[:2] for a in (*args, *kwargs.values())):
-            return self._run(x, *args, **kwargs)
-        tiles = []
-        for start in range(0, x.shape[1], self.tile_tokens):
-            def part(a, start=start):
-                return a[:, start:start + self.tile_tokens].contiguous() if isinstance(a, torch.Tensor) else a
-            out = checkpoint(self._run, part(x), *map(part, args), use_reentrant=False,
-                             **{k: part(v) for k, v in kwargs.items()})
-            if not isinstance(out, torch.Tensor):
-                raise AdapterkitError(f"{type(self.base_layer).__name__} returns {type(out).__name__}, not one "
-                                      "tensor: it cannot be tiled over positions")
-            tiles.append(out)
-        return torch.cat(tiles, dim=1)
 
     def _run(self, x: torch.Tensor, *args, **kwargs):
         names = [n for n in self._state.names_running(self.effects.keys()) if n not in self.merged]
