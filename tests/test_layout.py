@@ -24,7 +24,7 @@ LAYERS = [
     ("adapterkit._version", "adapterkit.errors", "adapterkit.settings"),
     ("adapterkit.architectures", "adapterkit.sites", "adapterkit.targets", "adapterkit.config", "adapterkit.models",
      "adapterkit.data", "adapterkit.tasks", "adapterkit.resources", "adapterkit.hardware", "adapterkit.packing",
-     "adapterkit.quantization", "adapterkit.token_rows", "adapterkit.attention", "adapterkit.tiling"),
+     "adapterkit.quantization", "adapterkit.token_rows", "adapterkit.attention"),
     ("adapterkit.methods",),
     ("adapterkit.core", "adapterkit.merging", "adapterkit.method_hooks"),
     ("adapterkit.training",),

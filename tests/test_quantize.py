@@ -5,7 +5,7 @@ import importlib.util
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_batch, tiny_model
+from tiny_models import tiny_batch, tiny_model
 
 import adapterkit as ak
 from adapterkit.cli import main
@@ -175,11 +175,8 @@ def test_quantize_bad_input(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and "pip install 'adapterkit[quant]'" in err
 
 
-@pytest.mark.parametrize("tile", [None, 3])  # 3: the MLP also runs in tiles of 3 positions (3 + 3 + 3 + 1)
 @pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_gradient_checkpointing_gives_the_same_gradients(method, tile, monkeypatch):
-    if tile:
-        monkeypatch.setattr("adapterkit.core.MLP_TILE_TOKENS", tile)
+def test_gradient_checkpointing_gives_the_same_gradients(method):
     batch = tiny_batch()
     grads = []
     for checkpointing in (False, True):
@@ -196,34 +193,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(method, tile, monkeypat
         grads.append({k: p.grad.clone() for k, p in adapted._parameters_of(record).items() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     assert all((grads[0][k] - grads[1][k]).abs().max() <= 1e-6 for k in grads[0])
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_tiled_mlp_gives_the_same_gradients_on_every_family(family, monkeypatch):
-    """Checkpointing with the MLP in tiles of 4 positions against no checkpointing: LoRA's gradients, and
-    a spy that the tiles ran wherever the table names a dense MLP (one with arguments besides x too)."""
-    from adapterkit.sites import AdapterSite
-
-    monkeypatch.setattr("adapterkit.core.MLP_TILE_TOKENS", 4)
-    tiled = []
-    real = AdapterSite._tiled
-    monkeypatch.setattr(AdapterSite, "_tiled", lambda self, *a, **k: tiled.append(1) or real(self, *a, **k))
-    batch = tiny_batch()
-    grads = []
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = tiny_model(family)
-        for module in model.modules():  # tiles draw their dropout masks a tile at a time: other masks
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        adapted = ak.adapt(model, ak.LoraConfig(r=4, init="gaussian", target_modules="all-linear"))
-        if checkpointing:
-            adapted.gradient_checkpointing_enable()
-        adapted.train()
-        causal_lm_loss(adapted(**batch).logits, batch["labels"]).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in adapted.parameters() if p.requires_grad]))
-    assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() <= 1e-6
-    assert bool(tiled) == (adapted.layout.mlp_path(0) is not None)
 
 
 class _Dense(torch.nn.Linear):

@@ -242,14 +242,6 @@ class ModelLayout:
         config = self.model.config
         return all(getattr(config, name, None) in (None, 1, 1.0) for name in self.arch.logit_transforms)
 
-    def mlp_path(self, index: int) -> str | None:
-        """The dense MLP module of layer `index` (the parent of its input and output projections), None
-        for a mixture-of-experts block or where the projections have no common parent."""
-        parents = {path.rpartition(".")[0] for path in (*self.arch.mlp_in, self.arch.mlp_out)}
-        if not self.arch.mlp_in or len(parents) != 1 or not next(iter(parents)):
-            return None
-        return f"{self.arch.layers}.{index}.{parents.pop()}"
-
     def layer_path(self, index: int) -> str:
         return f"{self.arch.layers}.{index}"
 

@@ -35,8 +35,6 @@ from .sites import (
 )
 from .token_rows import extend_vocabulary, token_row_parts
 
-MLP_TILE_TOKENS = 512  # positions of a tile of a checkpointed layer's MLP: a few MB of inner tensors a row
-
 
 @dataclass
 class AdapterRecord:
@@ -116,7 +114,7 @@ class AdaptedModel(Merging, MethodHooks, nn.Module):
             if part.changes_base:
                 part.restore_base()
             del site.effects[name]
-            if not site.effects and not site.checkpointed and not site.tile_tokens:
+            if not site.effects and not site.checkpointed:
                 replace_module(self.causal_lm, path, site.base_layer)
         del self.records[name]
         self.state.active = [n for n in self.state.active if n != name]
@@ -213,18 +211,15 @@ class AdaptedModel(Merging, MethodHooks, nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each decoder layer in backward. adapterkit's own (non-reentrant) checkpointing
-        instead of transformers': that one drops the cache, and with it the prefixes of prefix methods.
-        A dense MLP is also recomputed in tiles of MLP_TILE_TOKENS positions: on long rows its inner
-        tensors (four times the MLP width a token) would be most of the recomputed layer's memory."""
+        instead of transformers': that one drops the cache, and with it the prefixes of prefix methods."""
         for i in range(self.layout.shape.layers):
             site_at(self.causal_lm, self.layout.layer_path(i), self.state).checkpointed = True
-            if (mlp := self.layout.mlp_path(i)) is not None:
-                site_at(self.causal_lm, mlp, self.state).tile_tokens = MLP_TILE_TOKENS
 
     def gradient_checkpointing_disable(self) -> None:
-        for module in self.causal_lm.modules():
+        for i in range(self.layout.shape.layers):
+            module = self.causal_lm.get_submodule(self.layout.layer_path(i))
             if isinstance(module, AdapterSite):
-                module.checkpointed, module.tile_tokens = False, 0
+                module.checkpointed = False
 
     @property
     def is_gradient_checkpointing(self) -> bool:

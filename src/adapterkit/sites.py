@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import AdapterkitError
-from .tiling import TiledModule
 
 
 class Effect(nn.Module):
@@ -191,7 +190,6 @@ class AdapterSite(nn.Module):
         self.effects = nn.ModuleDict()
         self.merged: list[str] = []
         self.checkpointed = False  # recompute this module in backward (gradient checkpointing)
-        self.tile_tokens = 0       # > 0: a per-token module (an MLP) trained a tile of positions at a time
         self._stacks: dict = {}    # gather key -> (stamp of the sources, stack, rows' key, rows' tensors)
         self._groups: tuple | None = None  # (signature, gather groups), see _gather_groups
         object.__setattr__(self, "_state", state)  # shared, so never registered as a child
@@ -206,20 +204,9 @@ class AdapterSite(nn.Module):
             return getattr(self.base_layer, name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self.training and torch.is_grad_enabled():
-            if self.checkpointed:
-                return checkpoint(self._run, x, *args, use_reentrant=False, **kwargs)
-            if self.tile_tokens and x.dim() == 3 and x.shape[1] > self.tile_tokens:
-                return self._tiled(x, *args, **kwargs)
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            return checkpoint(self._run, x, *args, use_reentrant=False, **kwargs)
         return self._run(x, *args, **kwargs)
-
-    def _tiled(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """A per-token module (a dense MLP) over tiles of positions (`TiledModule`). Other tensor arguments
-        (a residual) must have x's [batch, positions] and are tiled with it; anything else runs whole."""
-        if kwargs or any(not isinstance(a, torch.Tensor) or a.shape[:2] != x.shape[:2] for a in args):
-            return self._run(x, *args, **kwargs)
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        return TiledModule.apply(self._run, self.tile_tokens, len(args), x, *args, *trainable)
 
     def _run(self, x: torch.Tensor, *args, **kwargs):
         names = [n for n in self._state.names_running(self.effects.keys()) if n not in self.merged]
@@ -363,4 +350,3 @@ def refuse_shared_base_change(root: nn.Module, name: str, parts: dict[str, nn.Mo
             raise AdapterkitError(f"adapter {changer!r} rewrote the base weight of {path} (its LoRA init), so adapters "
                                   f"{clash!r} and {name!r} cannot share that layer; use another model instance, or "
                                   "target other modules")
-
