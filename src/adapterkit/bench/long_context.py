@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
               "| tokens | adapterkit | PEFT + transformers' checkpointing |\n| --- | --- | --- |\n" + table +
               f"\nProjected from the two longest measured lengths (a straight line; not run at the budget, which "
               f"would take hours on this CPU): within {args.budget_gb:g} GB, adapterkit trains about "
-              f"{ours_text} tokens and PEFT about {theirs_text}: **{ratio}** (target 4x). adapterkit "
-              "computes logits only at labelled positions, in fp32 blocks, and its checkpointing keeps each layer's "
-              "input; PEFT's model materialises the full fp32 logits and their gradient, which grow with every "
+              f"{ours_text} tokens and PEFT about {theirs_text}: **{ratio}** (target 4x). adapterkit's "
+              "loss takes the output head's input rows and computes logits a block at a time inside a fused head "
+              "and cross-entropy, keeping none, and its checkpointing keeps each layer's input; PEFT's model materialises the full fp32 logits and their gradient, which grow with every "
               "token by the vocabulary's width.\n")
     print(report)
     if args.write:
