@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="affordable: the subset in AFFORDABLE (what two shared cores manage in about half an hour)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads a configuration (1 on shared cores)")
     parser.add_argument("--render", action="store_true", help="only rewrite the markdown from --json, plan recomputed")
+    parser.add_argument("--rerun", choices=("adapterkit", "peft"),
+                        help="measure again, in place, the rows of --json of this library (the others are kept)")
     parser.add_argument("--note", help="a paragraph for the markdown section (what was left out and why)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one configuration may take")
     parser.add_argument("--write", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update ('' = none)")
@@ -275,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         from adapterkit.bench.memory_report import write_report
 
         return write_report(results, args, Path(args.write), args.note or "")
+    if args.rerun:
+        return rerun(Path(args.json), args.rerun, args)
     specs = configurations(models, args.steps, args.batch, args.seq, args.micro_batch_size)
     if args.preset == "affordable":
         specs = [s for s in specs if (s["library"], s["method"], s["base"], s["gc"]) in AFFORDABLE[s["shape"]]]
@@ -302,6 +306,26 @@ def main(argv: list[str] | None = None) -> None:
 
         write_report(results, args, Path(args.write), args.note or "")
     return None
+
+
+def rerun(path: Path, library: str, args) -> None:
+    """Measure `library`'s rows of a results file again with the code as it is now (--threads each),
+    writing each row back as it finishes, then the markdown."""
+    results = json.loads(path.read_text())
+    keys = ("shape", "library", "method", "base", "gc", "steps", "batch", "seq", "micro_batch_size", "model")
+    for i, row in enumerate(results):
+        if row["library"] == library:
+            spec = {**{k: row[k] for k in keys}, "threads": args.threads}
+            started = time.time()
+            results[i] = {**spec, "label": row["label"], "plan": predict(spec), **measure(spec, args.timeout),
+                          "wall_seconds": 0.0}
+            results[i]["wall_seconds"] = round(time.time() - started, 1)
+            print(_line(results[i]), flush=True)
+            path.write_text(json.dumps(results, indent=1) + "\n")
+    if args.write:
+        from adapterkit.bench.memory_report import write_report
+
+        write_report(results, args, Path(args.write), args.note or "")
 
 
 def _line(r: dict) -> str:

@@ -96,6 +96,8 @@ def write_report(results: list[dict], args, markdown: Path, note: str = "") -> N
     command = (f"nice -n 10 python -m adapterkit.bench.memory --models {args.models} --steps {args.steps} --batch "
                f"{args.batch} --seq {args.seq} --micro-batch-size {args.micro_batch_size}"
                + (f" --preset {args.preset}" if getattr(args, "preset", None) else ""))
+    if getattr(args, "rerun", None):  # rows of an earlier results file measured again
+        command = f"python -m adapterkit.bench.memory --rerun {args.rerun} --threads {args.threads}"
     text = (f"## Memory: quantized bases, gradient checkpointing, `adapterkit plan`\n\nCommand: `{command}`  \n"
             f"Date: {datetime.date.today().isoformat()}  \nMachine: {machine()}\n\n"
             f"Each row is one process: {first['steps']} optimizer steps of {first['batch']} x {first['seq']} tokens "

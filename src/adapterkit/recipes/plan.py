@@ -15,7 +15,9 @@ method attaches to it as it would to the real model, and the prediction adds up:
 - logits and loss: where the loss takes over the output head (training/loss.py's `fused_head`), one block
   of rows' logits and log-softmax and the rows' gradient; elsewhere the logits of one micro-batch with
   their gradient (fp32: also the log-softmax);
-- a fixed baseline for Python, torch, transformers and the tokenizer (bitsandbytes adds a little).
+- a fixed baseline for Python, torch, transformers and the tokenizer (bitsandbytes adds a little);
+- the peak is the larger of that sum and the load's own peak, which is higher where loading casts the
+  stored weights (the default model's fp32 cache loaded in bf16: its file and the bf16 copy at once).
 
 The constants were measured on the default model with the benchmark (python -m adapterkit.bench.memory),
 whose tables in BENCHMARKS.md put each prediction next to a measured peak on three model sizes.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -104,6 +107,20 @@ def meta_model(name: str, dtype: torch.dtype) -> nn.Module:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
+
+
+def cast_on_load_bytes(name: str, dtype: torch.dtype, quantize: str) -> int:
+    """The stored weights' bytes where loading casts them (files in another dtype than the one loaded, no
+    quantization): transformers reads every stored byte, and the file's pages count in the process's
+    memory, while the cast copies are made. 0 where nothing is cast or the files are not local."""
+    folder = Path(default_model_folder() if name == DEFAULT_MODEL else name)
+    if quantize != "none" or not (folder / "config.json").is_file():
+        return 0
+    config = json.loads((folder / "config.json").read_text())
+    stored = config.get("dtype") or config.get("torch_dtype")
+    if not isinstance(stored, str) or getattr(torch, stored, None) in (None, dtype):
+        return 0
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def _quantized_linears(model: nn.Module) -> list[nn.Module]:
@@ -219,14 +236,18 @@ def plan(settings: PlanSettings) -> dict:
              "adapter + grads + AdamW": 16 * trainable + (2 * trainable if precision == "bf16" else 0)}
     micro = settings.micro_batch_size or min(4, settings.batch)
     parts = {**fixed, **activations(micro)}
+    # loading may peak above training: an fp32 folder loaded in bf16 holds the files' pages and the copies
+    load = fixed["runtime"] + weights["quantized"] + weights["other"] + cast_on_load_bytes(
+        settings.model, dtype, settings.quantize)
     result = {"model": settings.model, "method": settings.method, "quantize": settings.quantize,
               "precision": precision, "gradient_checkpointing": settings.gradient_checkpointing, "seq": settings.seq,
               "batch": settings.batch, "micro_batch_size": micro, "trainable": trainable,
               "base_parameters": base_parameters,
-              "parts": parts, "total": sum(parts.values())}
+              "parts": parts, "load_peak": load, "total": max(sum(parts.values()), load)}
     if settings.memory_limit is not None:
         limit = parse_size(settings.memory_limit)
-        fits = [m for m in range(1, settings.batch + 1) if sum(fixed.values()) + sum(activations(m).values()) <= limit]
+        fits = [m for m in range(1, settings.batch + 1)
+                if max(load, sum(fixed.values()) + sum(activations(m).values())) <= limit]
         result["memory_limit"] = limit
         result["largest_micro_batch"] = max(fits) if fits else None
     return result
@@ -241,6 +262,8 @@ def render(result: dict, as_json: bool) -> str:
              + f", {result['batch']} x {result['seq']} tokens in micro-batches of {result['micro_batch_size']}",
              f"{'part':<30} {'GiB':>8}"]
     lines += [f"{name:<30} {value / GIB:>8.3f}" for name, value in result["parts"].items()]
+    if result["load_peak"] >= sum(result["parts"].values()):
+        lines.append(f"{'loading (casts the weights)':<30} {result['load_peak'] / GIB:>8.3f}")
     lines.append(f"{'predicted peak':<30} {result['total'] / GIB:>8.3f}")
     if "memory_limit" in result:
         best, limit = result["largest_micro_batch"], result["memory_limit"] / GIB
