@@ -38,12 +38,13 @@ def _exact_bytes(model: torch.nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def wide_llama_dir(tmp_path_factory):
-    """A tiny LLaMA 64 wide: bitsandbytes' 4-bit blocks are 64 inputs."""
+    """A tiny LLaMA 64 wide (bitsandbytes' 4-bit blocks are 64 inputs), 4 layers deep (checkpointing saves
+    memory from about 3 layers on)."""
     import transformers as T
     from tiny_models import tiny_config, tiny_tokenizer
 
     config = T.LlamaConfig(**{**tiny_config("llama").to_dict(), "hidden_size": 64, "intermediate_size": 128,
-                              "head_dim": 16})
+                              "head_dim": 16, "num_hidden_layers": 4})
     folder = tmp_path_factory.mktemp("tiny-llama-64-plan")
     torch.manual_seed(0)
     T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)

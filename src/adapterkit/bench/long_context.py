@@ -19,7 +19,7 @@ import datetime
 import json
 from pathlib import Path
 
-from adapterkit.bench.memory import GB, label, measure, model_name
+from adapterkit.bench.memory import GB, label, measure, model_name, predict
 from adapterkit.bench.train_speed import ROOT, machine, write_section
 
 
@@ -37,11 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1200)
     parser.add_argument("--write", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--render", action="store_true", help="only rewrite the section from the saved results")
     args = parser.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
     budget = int(args.budget_gb * 1e9)
-    results: dict[str, list[dict]] = {"adapterkit": [], "peft": []}
-    for library in results:
+    saved = ROOT / "benchmarks" / "long_context.json"
+    results: dict[str, list[dict]] = json.loads(saved.read_text()) if args.render else {"adapterkit": [], "peft": []}
+    for library in [] if args.render else results:
         for seq in lengths:
             spec = {"shape": "1.1b", "library": library, "method": "lora", "base": "nf4", "gc": True, "steps": 1,
                     "batch": 1, "seq": seq, "micro_batch_size": 1, "threads": args.threads}
@@ -50,22 +52,25 @@ def main(argv: list[str] | None = None) -> None:
             results[library].append(result)
             print(f"{label(spec)} seq {seq}: " + (result.get("error") or f"peak {result['peak_bytes'] / GB:.2f} GiB, "
                                                   f"{result['seconds_per_step']:.0f} s"), flush=True)
-    Path(ROOT / "benchmarks").mkdir(exist_ok=True)
-    (ROOT / "benchmarks" / "long_context.json").write_text(json.dumps(results, indent=1) + "\n")
+    saved.parent.mkdir(exist_ok=True)
+    saved.write_text(json.dumps(results, indent=1) + "\n")
+    lengths = [r["seq"] for r in results["adapterkit"]]
     table = "".join(f"| {seq} | " + " | ".join(
         (f"{r['peak_bytes'] / GB:.2f} GiB, {r['seconds_per_step']:.0f} s" if "error" not in r else r["error"])
-        for r in (results["adapterkit"][i], results["peft"][i])) + " |\n" for i, seq in enumerate(lengths))
+        for r in (results["adapterkit"][i], results["peft"][i]))
+        + f" | {predict(results['adapterkit'][i])['total'] / GB:.2f} GiB |\n" for i, seq in enumerate(lengths))
     projected = {lib: projected_length([(r["seq"], r["peak_bytes"]) for r in rs if "error" not in r], budget)
                  for lib, rs in results.items()}
     ours, theirs = projected["adapterkit"], projected["peft"]
     ratio = f"{ours / theirs:.1f}x" if ours and theirs else "-"
     ours_text, theirs_text = (f"{n:,}" if n else "-" for n in (ours, theirs))
     report = ("## Long context: the longest sequence within a memory budget\n\n"
-              f"Command: `python -m adapterkit.bench.long_context --lengths {args.lengths} --budget-gb "
+              f"Command: `python -m adapterkit.bench.long_context --lengths {','.join(map(str, lengths))} --budget-gb "
               f"{args.budget_gb:g}`  \nDate: {datetime.date.today().isoformat()}  \nMachine: {machine()}\n\n"
               "The 1.1B-shape model (random weights), nf4 base, gradient checkpointing, LoRA r 8 on q and v, batch 1, "
               "one optimizer step with every position labelled; peak RSS of each run's process and its step time.\n\n"
-              "| tokens | adapterkit | PEFT + transformers' checkpointing |\n| --- | --- | --- |\n" + table +
+              "| tokens | adapterkit | PEFT + transformers' checkpointing | `adapterkit plan` for adapterkit |\n"
+              "| --- | --- | --- | --- |\n" + table +
               f"\nProjected from the two longest measured lengths (a straight line; not run at the budget, which "
               f"would take hours on this CPU): within {args.budget_gb:g} GB, adapterkit trains about "
               f"{ours_text} tokens and PEFT about {theirs_text}: **{ratio}** (target 4x). adapterkit's "
