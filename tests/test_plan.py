@@ -121,3 +121,19 @@ def test_sizes():
     for bad in ("lots", "-1GB", "0", "4 GBB", ""):
         with pytest.raises(AdapterkitError, match="--memory-limit"):
             parse_size(bad)
+
+
+def test_loading_that_casts_the_weights_is_its_own_peak(wide_llama_dir):
+    """An fp32 folder loaded in bf16: the load holds the file's pages and the bf16 copy at once, so the
+    load's prediction is the runtime, the weights and the whole file; loaded in fp32 nothing is cast."""
+    file_bytes = sum(f.stat().st_size for f in wide_llama_dir.glob("*.safetensors"))
+    assert file_bytes > 4 * sum(p.numel() for p in meta_model(str(wide_llama_dir), torch.float32).parameters()) * 0.99
+
+    def loading(precision: str) -> int:
+        result = plan(PlanSettings(model=str(wide_llama_dir), precision=precision, seq=8, batch=1))
+        assert result["total"] == max(result["load_peak"], sum(result["parts"].values()))
+        parts = result["parts"]
+        return result["load_peak"] - parts["runtime"] - parts["weights (other)"] - parts["weights (quantized linears)"]
+
+    assert loading("bf16") == file_bytes
+    assert loading("fp32") == 0
