@@ -219,8 +219,9 @@ class AdapterSite(nn.Module):
                 extra = ()
                 if isinstance(y, tuple):
                     y, extra = y[0], y[1:]
-                # A linear layer's output is new and no one else's: the products add into it in place
-                fresh = type(self.base_layer) is nn.Linear
+                # A linear layer's output is new and no one else's (no hook of its own kept it): the
+                # products add into it in place
+                fresh = type(self.base_layer) is nn.Linear and not self.base_layer._forward_hooks
                 for effect, rows in plan:
                     out = effect.on_output_gathered(rows, x, y, fresh)
                     y, fresh = out, fresh or out is not y

@@ -150,7 +150,7 @@ class Composition:
             # D^T as a view of [rows, widest, in] and U^T contiguous: the fastest layouts of bmm here
             # (one CPU thread: a strided U^T made the second product 2-3x slower)
             self._per_row = (D[self.local].transpose(1, 2), None if c is None else c[self.local].unsqueeze(1),
-                             U.transpose(1, 2)[self.local])
+                             U.transpose(1, 2)[self.local].contiguous())
         return self._per_row
 
     def per_row_values(self, values: list[torch.Tensor | None], missing: float) -> torch.Tensor:
