@@ -160,10 +160,14 @@ def _with(adapted, configs: dict):
     return adapted.eval()
 
 
+SELECTS = {"rows-selected": 1.0, "all-rows": 0.0}  # gathered.SELECT_ROWS_UP_TO: compute the group's rows only, or all
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("length", [1, 5])
+@pytest.mark.parametrize("select", SELECTS)
 @torch.no_grad()
-def test_lora_dora_adalora_of_mixed_ranks_run_as_one_group(form, length, monkeypatch):
+def test_lora_dora_adalora_of_mixed_ranks_run_as_one_group(form, length, select, monkeypatch):
     """Every low-rank adapter at a site, ranks 2 to 6, in one gathered group: padded (per row) or masked (side
     by side), each row equals its adapter alone; plain LoRA rows next to DoRA rows are left unscaled."""
     model = tiny_model("llama")
@@ -176,6 +180,7 @@ def test_lora_dora_adalora_of_mixed_ranks_run_as_one_group(form, length, monkeyp
     alone = {name: _alone(adapted, ids, name) for name in set(rows)}
     monkeypatch.setattr(gathered, "SIDE_BY_SIDE_ONE_TOKEN", FORMS[form])
     monkeypatch.setattr(gathered, "SIDE_BY_SIDE_TOKENS", FORMS[form])
+    monkeypatch.setattr(gathered, "SELECT_ROWS_UP_TO", SELECTS[select])
     for kind in (LoraEffect, DoraEffect, AdaloraEffect):
         monkeypatch.setattr(kind, "on_output", lambda *a: pytest.fail("an adapter ran row by row"))
     mixed = adapted(input_ids=ids, adapter_names=rows).logits
@@ -186,8 +191,9 @@ def test_lora_dora_adalora_of_mixed_ranks_run_as_one_group(form, length, monkeyp
 
 
 @pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("select", SELECTS)
 @torch.no_grad()
-def test_bottlenecks_of_mixed_sizes_run_as_one_group(form, monkeypatch):
+def test_bottlenecks_of_mixed_sizes_run_as_one_group(form, select, monkeypatch):
     adapted = _with(tiny_model("llama"), {
         "h6": lambda: AdapterHConfig(bottleneck_size=6, non_linearity="gelu", scaling=0.7),
         "p3": lambda: AdapterPConfig(bottleneck_size=3, non_linearity="gelu", scaling="learned"),
@@ -196,9 +202,44 @@ def test_bottlenecks_of_mixed_sizes_run_as_one_group(form, monkeypatch):
     ids = tiny_batch(batch=len(rows), length=4)["input_ids"]
     alone = {name: _alone(adapted, ids, name) for name in set(rows)}
     monkeypatch.setattr(gathered, "SIDE_BY_SIDE_TOKENS", FORMS[form])
+    monkeypatch.setattr(gathered, "SELECT_ROWS_UP_TO", SELECTS[select])
     monkeypatch.setattr(SeriesAdapter, "on_output", lambda *a: pytest.fail("a series adapter ran row by row"))
     mixed = adapted(input_ids=ids, adapter_names=rows).logits
     for row, name in enumerate(rows):
         torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-5, rtol=0)
     site = adapted.causal_lm.model.layers[0].mlp.down_proj
     assert [names for names, _, _ in site._gather_groups().values()] == [("h6", "p3", "p9")]
+
+
+@torch.no_grad()
+def test_an_adapter_deleted_and_added_again_under_its_name_is_the_new_one():
+    """The sites' cached groups, stacks and decoding plans follow the adapter objects, not their names or the
+    addresses of their weights (a new adapter of the same shapes may get the freed memory of the old)."""
+    adapted = _adapters(use_dora=False)
+    ids = tiny_batch(batch=len(ROWS), length=3)["input_ids"]
+    adapted(input_ids=ids, adapter_names=ROWS)  # fills the groups, stacks and plans
+    for replaced in ("d", "b"):  # the last added (the sites' names in the same order), then another one
+        adapted.delete(replaced)
+        ak.adapt(adapted, ak.LoraConfig(**ADAPTERS[replaced], target_modules="all-linear"), name=replaced)
+        torch.manual_seed(7)
+        for p in adapted.adapter_state_dict(replaced).values():
+            p.add_(torch.randn_like(p) * 0.3)
+        adapted.eval()
+        mixed = adapted(input_ids=ids, adapter_names=ROWS).logits
+        for row, name in enumerate(ROWS):
+            torch.testing.assert_close(mixed[row], _alone(adapted, ids, name)[row], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_decoding_steps_follow_rows_joining_and_leaving():
+    """A served batch changes its rows between steps (a request joins, one finishes): each step's rows run
+    their own adapters, whatever the cached plan of the step before."""
+    adapted = _adapters(use_dora=True)
+    ids = tiny_batch(batch=len(ROWS), length=4)["input_ids"]
+    alone = {name: _alone(adapted, ids, name) for name in set(ROWS)}
+    for rows in (ROWS, ROWS[::-1], ["a"] * 8, [None, "c"] * 4, ROWS, [None] * 8, ROWS):
+        mixed = adapted(input_ids=ids, adapter_names=rows).logits
+        for row, name in enumerate(rows):
+            torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-5, rtol=0)
+        plan = adapted.causal_lm.model.layers[0].self_attn.q_proj._plan[1]  # ran the cached decoding plan
+        assert plan is None if set(rows) == {None} else len(plan) == 1

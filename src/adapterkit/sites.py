@@ -70,8 +70,10 @@ class Effect(nn.Module):
         """Each row's own tensors (row i: slot slots[i]), batch first; reused while the rows' adapters stay."""
         return tuple(t[slots] for t in stacked)
 
-    def on_output_gathered(self, rows: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """on_output for the whole batch, each row with its own tensors from gather_rows."""
+    def on_output_gathered(self, rows: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor,
+                           fresh: bool = False) -> torch.Tensor:
+        """on_output for the whole batch, each row with its own tensors from gather_rows; `fresh`: y is a new
+        tensor of no one else's (a linear layer's output, no autograd) that it may write in place."""
         raise NotImplementedError
 
 
@@ -191,7 +193,8 @@ class AdapterSite(nn.Module):
         self.merged: list[str] = []
         self.checkpointed = False  # recompute this module in backward (gradient checkpointing)
         self._stacks: dict = {}    # gather key -> (stamp of the sources, stack, rows' key, rows' tensors)
-        self._groups: tuple | None = None  # (signature, gather groups), see _gather_groups
+        self._groups: tuple | None = None  # (signature, gather groups, all their sources), see _gather_groups
+        self._plan: tuple | None = None    # (key, plan) of a mixed batch without autograd, see _mixed_plan
         object.__setattr__(self, "_state", state)  # shared, so never registered as a child
 
     def __getattr__(self, name: str):
@@ -209,6 +212,20 @@ class AdapterSite(nn.Module):
         return self._run(x, *args, **kwargs)
 
     def _run(self, x: torch.Tensor, *args, **kwargs):
+        if self._state.row_adapters is not None and not torch.is_grad_enabled():
+            plan = self._mixed_plan(x.device)
+            if plan is not None:  # a decoding step of a mixed batch: every running adapter here is gathered
+                y = self.base_layer(x, *args, **kwargs)
+                extra = ()
+                if isinstance(y, tuple):
+                    y, extra = y[0], y[1:]
+                # A linear layer's output is new and no one else's (no hook of its own kept it): the
+                # products add into it in place
+                fresh = type(self.base_layer) is nn.Linear and not self.base_layer._forward_hooks
+                for effect, rows in plan:
+                    out = effect.on_output_gathered(rows, x, y, fresh)
+                    y, fresh = out, fresh or out is not y
+                return (y, *extra) if extra else y
         names = [n for n in self._state.names_running(self.effects.keys()) if n not in self.merged]
         if not names:
             if self.merged and (self._state.disabled or self._state.row_adapters is not None):
@@ -256,19 +273,47 @@ class AdapterSite(nn.Module):
                 gathered.update(id(effect) for effect in members)
         return y, [(effect, rows) for effect, rows in effects if id(effect) not in gathered]
 
+    def _mixed_plan(self, device: torch.device) -> list | None:
+        """Without autograd, a mixed batch's (effect, rows) per gathered group running here, or None when
+        some running adapter is not gathered (the general path). Kept while the rows' adapters, this
+        site's adapters and merges, and every gathered weight (address and version) stay the same."""
+        state = self._state
+        groups = self._gather_groups()
+        sources = self._groups[2]
+        key = (self._groups[0], state.disabled, tuple(state.row_adapters),
+               [(t.data_ptr(), t._version) for t in sources])
+        cached = self._plan
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        names = [n for n in state.names_running(self.effects.keys()) if n not in self.merged]
+        members = {id(effect) for _, group, _ in groups.values() for effect in group}
+        plan = None
+        effects = [self.effects[n] for n in names]
+        if effects and all(id(e) in members and e.row_wise and not (e.acts_on_input or e.replaces_base)
+                           for e in effects):
+            running = set(names)
+            plan = [(group[0], self._gathered_rows(k, group_names, group, group_sources, device))
+                    for k, (group_names, group, group_sources) in groups.items() if running.intersection(group_names)]
+        self._plan = (key, plan)
+        return plan
+
     def _gather_groups(self) -> dict:
         """gather key -> (names, effects, their sources): every adapter of the kind at this site, so a
-        stack outlives batches; made again only when the adapters, merges or train/eval mode change."""
-        signature = (tuple(self.effects.keys()), tuple(self.merged), self.training)
+        stack outlives batches; made again only when the adapters, merges or train/eval mode change.
+        The signature holds the effects themselves (compared by identity): an adapter deleted and added
+        again under its name is a new one, whose weights may sit where the old one's were, so the stacks
+        and plans built from the old one go too."""
+        signature = (tuple(self.effects.items()), tuple(self.merged), self.training)
         if self._groups is None or self._groups[0] != signature:
+            self._stacks, self._plan = {}, None
             groups: dict = {}
             for name, effect in self.effects.items():
                 key = effect.gather_key() if effect.acts_on_output and name not in self.merged else None
                 if key is not None:
                     groups.setdefault(key, []).append((name, effect))
-            self._groups = (signature, {key: (tuple(n for n, _ in pairs), [e for _, e in pairs],
-                                              [t for _, e in pairs for t in e.gather_sources()])
-                                        for key, pairs in groups.items()})
+            found = {key: (tuple(n for n, _ in pairs), [e for _, e in pairs],
+                           [t for _, e in pairs for t in e.gather_sources()]) for key, pairs in groups.items()}
+            self._groups = (signature, found, [t for _, _, sources in found.values() for t in sources])
         return self._groups[1]
 
     def _gathered_rows(self, key: tuple, names: tuple, members: list, sources: list,

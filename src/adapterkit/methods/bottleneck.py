@@ -184,9 +184,10 @@ class Bottleneck(Effect):
     def gather_rows(self, stacked, slots) -> Composition:
         return Composition(stacked, slots)
 
-    def gathered_adapter(self, rows: Composition, x: torch.Tensor) -> torch.Tensor:
-        """Per row, its own adapter on x, as (rows, tokens, features out)."""
-        return rows.product(cast_for_adapter(x, rows.parts[0][0]), lambda h: self.drop(self.act(h)))
+    def gathered_adapter(self, rows: Composition, x: torch.Tensor, y: torch.Tensor, fresh: bool) -> torch.Tensor:
+        """y plus, per row, its own adapter on x (y written in place if fresh: see Composition.add_to)."""
+        act = (lambda h: self.drop(self.act(h))) if self.training else self.act
+        return rows.added(y, cast_for_adapter(rows.select(x), rows.parts[0][0]), act, fresh)
 
 
 class SeriesAdapter(Bottleneck):
@@ -197,8 +198,8 @@ class SeriesAdapter(Bottleneck):
     def on_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y + self.adapter(y).to(y.dtype)
 
-    def on_output_gathered(self, rows, x, y):
-        return y + self.gathered_adapter(rows, y).reshape(y.shape).to(y.dtype)
+    def on_output_gathered(self, rows, x, y, fresh=False):
+        return self.gathered_adapter(rows, y, y, fresh)
 
 
 class InputAdapter(Bottleneck):
@@ -228,8 +229,8 @@ class ParallelAdapter(Bottleneck):
         source = x if self.source is None else self.source.take()
         return y + self.adapter(source).to(y.dtype)
 
-    def on_output_gathered(self, rows, x, y):
-        return y + self.gathered_adapter(rows, x).reshape(y.shape).to(y.dtype)
+    def on_output_gathered(self, rows, x, y, fresh=False):
+        return self.gathered_adapter(rows, x, y, fresh)
 
 
 class InputCapture(Effect):

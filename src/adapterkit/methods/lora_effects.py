@@ -72,16 +72,21 @@ class LoraEffect(Effect):
             rows.dora = (scale, scale - 1, next(d[1] for _, d in extras if d is not None))
         return rows
 
-    def on_output_gathered(self, rows, x, y):
+    def on_output_gathered(self, rows, x, y, fresh=False):
         """Per row its own s B A dropout(x); DoRA rows rescaled as DoRA.on_output; then the bias deltas."""
-        delta = rows.product(cast_for_adapter(self.dropout(x), rows.parts[0][0]))
+        x = rows.select(x)
+        x = cast_for_adapter(self.dropout(x) if self.training else x, rows.parts[0][0])  # eval: no dropout
+        if rows.dora is None and rows.bias is None:
+            return rows.added(y, x, fresh=fresh)
+        delta = rows.product(x)
         if rows.dora is not None:  # (s - 1) base + s lora, which is lora exactly on a row of s = 1
             scale, less_one, base_bias = rows.dora
-            base = (y if base_bias is None else y - base_bias).to(delta.dtype).reshape(delta.shape)
+            base = rows.select(y).to(delta.dtype)
+            base = base if base_bias is None else base - base_bias
             delta = torch.addcmul(scale * delta, less_one, base)
         if rows.bias is not None:
             delta = delta + rows.bias
-        return y + delta.reshape(y.shape).to(y.dtype)
+        return rows.add_to(y, delta, fresh)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, shaped like the base weight."""
