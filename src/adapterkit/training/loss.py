@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -32,6 +34,7 @@ def labelled_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     if head is not None:
         taken = []
 
+        @torch.compiler.disable  # a compiled model (--compile) runs the fused loss eagerly, at a graph break
         def take_rows(module: nn.Module, args: tuple) -> tuple:
             (rows,) = args  # the hidden states at the kept positions, in the logits' order
             taken.append(head_cross_entropy(rows.reshape(-1, rows.shape[-1]), module, wanted))
@@ -56,15 +59,19 @@ def labelled_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def fused_head(model: nn.Module) -> nn.Linear | None:
     """The output head, where the loss may take it over: an adapted model of a family whose logits are
-    the head's output unchanged (`ModelLayout.plain_head`), the head a plain frozen `nn.Linear` with no
-    hooks of its own (not an adapter's site, not quantized, not gathered by DeepSpeed). None otherwise:
-    the model computes its logits."""
+    the head's output unchanged (`ModelLayout.plain_head`), the head a plain frozen `nn.Linear` (not an
+    adapter's site, not quantized, not partitioned by DeepSpeed ZeRO-3, whose coordinator expects the
+    head's backward); an FSDP root gathers the head before the loss's hook runs. None otherwise, or with
+    ADAPTERKIT_FUSED_LOSS=0: the model computes its logits."""
     from ..core import AdaptedModel
 
-    if not isinstance(model, AdaptedModel) or not model.layout.plain_head:
+    if os.environ.get("ADAPTERKIT_FUSED_LOSS", "1") == "0":  # the logits path, for comparisons
         return None
-    head = model.causal_lm.get_output_embeddings()
-    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+    adapted = getattr(model, "module", model)  # the model a DDP (or DeepSpeed) wrapper holds
+    if not isinstance(adapted, AdaptedModel) or not adapted.layout.plain_head:
+        return None
+    head = adapted.causal_lm.get_output_embeddings()
+    if type(head) is not nn.Linear or hasattr(head.weight, "ds_status"):  # ZeRO-3 tracks each module's backward
         return None
     frozen = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
     return head if frozen else None
