@@ -42,33 +42,24 @@ class Effect(nn.Module):
     def merge_into(self, base_layer: nn.Module, sign: float = 1.0) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
-    # A mixed batch runs output effects with equal gather keys at one site as one gathered product:
-    # their tensors stacked over adapters (plus a last slot for rows without one), each row using its
-    # own slot, instead of a loop over adapters. An effect opts in by returning a key.
+    # A mixed batch runs output effects with equal gather keys at one site as one gathered product, each
+    # row with its own adapter's tensors, instead of a loop over adapters (methods/gathered.py builds it).
+    # An effect opts in by returning a key.
     def gather_key(self) -> tuple | None:
         return None
 
-    def gather_tensors(self) -> tuple[torch.Tensor, ...]:
-        """This adapter's tensors of the gathered product; the site stacks them along a new dim 0."""
+    def gather_tensors(self) -> tuple:
+        """This adapter's tensors of the gathered product, as its gather_rows reads them."""
         raise NotImplementedError
 
-    def gather_stack(self, per_adapter: list[tuple]) -> tuple:
-        """What gather_rows reads, from every adapter's gather_tensors (in the group's order): by default
-        each tensor stacked over adapters, with a last slot from gather_identity."""
-        identity = self.gather_identity(per_adapter[0])
-        return tuple(torch.stack([*column, empty]) for *column, empty in zip(*per_adapter, identity, strict=True))
-
-    def gather_identity(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The tensors of the slot for rows without such an adapter (it must leave y unchanged)."""
-        return tuple(torch.zeros_like(t) for t in tensors)
-
     def gather_sources(self) -> list[torch.Tensor]:
-        """What gather_tensors reads: a stack is reused (without autograd) while none of them changes."""
+        """What gather_tensors reads: the group's tensors are reused (without autograd) while none changes."""
         return list(self.parameters())
 
-    def gather_rows(self, stacked: tuple[torch.Tensor, ...], slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each row's own tensors (row i: slot slots[i]), batch first; reused while the rows' adapters stay."""
-        return tuple(t[slots] for t in stacked)
+    def gather_rows(self, per_adapter: list[tuple], slots: torch.Tensor):
+        """The rows' gathered form, from every adapter's gather_tensors (in the group's order) and each row's
+        slot (its adapter's index there, len(per_adapter) for a row of none); reused while the rows stay."""
+        raise NotImplementedError
 
     def on_output_gathered(self, rows: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor,
                            fresh: bool = False) -> torch.Tensor:
@@ -192,7 +183,7 @@ class AdapterSite(nn.Module):
         self.effects = nn.ModuleDict()
         self.merged: list[str] = []
         self.checkpointed = False  # recompute this module in backward (gradient checkpointing)
-        self._stacks: dict = {}    # gather key -> (stamp of the sources, stack, rows' key, rows' tensors)
+        self._stacks: dict = {}    # gather key -> (stamp of the sources, the adapters' tensors, rows' key, rows)
         self._groups: tuple | None = None  # (signature, gather groups, all their sources), see _gather_groups
         self._plan: tuple | None = None    # (key, plan) of a mixed batch without autograd, see _mixed_plan
         object.__setattr__(self, "_state", state)  # shared, so never registered as a child
@@ -317,9 +308,10 @@ class AdapterSite(nn.Module):
         return self._groups[1]
 
     def _gathered_rows(self, key: tuple, names: tuple, members: list, sources: list,
-                       device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Each row's tensors for the group: without autograd, the stack is reused while the weights stay
-        the same, and the rows' tensors while the rows' adapters stay too (every step of a generate)."""
+                       device: torch.device):
+        """The group's rows (its effects' gather_rows): without autograd, the adapters' tensors are reused
+        while the weights stay the same, and the rows while the rows' adapters stay too (every step of a
+        generate)."""
         reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
         stamp = (names, tuple((t.data_ptr(), t._version) for t in sources))
         rows_key = (stamp, tuple(self._state.row_adapters))
@@ -327,12 +319,12 @@ class AdapterSite(nn.Module):
         if reuse and cached is not None and cached[0] == stamp:
             if cached[2] == rows_key:
                 return cached[3]
-            stacked = cached[1]
+            tensors = cached[1]
         else:
-            stacked = members[0].gather_stack([effect.gather_tensors() for effect in members])
-        rows = members[0].gather_rows(stacked, self._state.slots_of(names, device))
+            tensors = [effect.gather_tensors() for effect in members]
+        rows = members[0].gather_rows(tensors, self._state.slots_of(names, device))
         if reuse:
-            self._stacks[key] = (stamp, stacked, rows_key, rows)
+            self._stacks[key] = (stamp, tensors, rows_key, rows)
         return rows
 
 

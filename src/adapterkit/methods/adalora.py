@@ -125,7 +125,6 @@ class AdaloraEffect(WeightUpdateEffect):
     def gather_tensors(self) -> tuple:
         return self.lora_A * self.lora_E, None, self.lora_B * self.scaling, None, None, None
 
-    gather_stack = LoraEffect.gather_stack
     gather_rows = LoraEffect.gather_rows
     on_output_gathered = LoraEffect.on_output_gathered
 

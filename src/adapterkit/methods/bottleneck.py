@@ -178,11 +178,8 @@ class Bottleneck(Effect):
         return (self.adapter_down.weight, self.adapter_down.bias, self.adapter_up.weight * self.adapter_scale,
                 self.adapter_up.bias * self.adapter_scale)
 
-    def gather_stack(self, per_adapter: list[tuple]) -> list[tuple]:
-        return per_adapter  # sizes differ: gather_rows puts each composition's adapters together
-
-    def gather_rows(self, stacked, slots) -> Composition:
-        return Composition(stacked, slots)
+    def gather_rows(self, per_adapter, slots) -> Composition:
+        return Composition(per_adapter, slots)
 
     def gathered_adapter(self, rows: Composition, x: torch.Tensor, y: torch.Tensor, fresh: bool) -> torch.Tensor:
         """y plus, per row, its own adapter on x (y written in place if fresh: see Composition.add_to)."""

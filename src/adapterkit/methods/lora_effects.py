@@ -59,11 +59,8 @@ class LoraEffect(Effect):
         parts; the bias is added after DoRA's rescaling, so it is not the product's e."""
         return self.lora_A, None, self.lora_B * self.scaling, None, self.lora_bias, None
 
-    def gather_stack(self, per_adapter: list[tuple]) -> list[tuple]:
-        return per_adapter  # widths differ: gather_rows puts each composition's adapters together
-
-    def gather_rows(self, stacked, slots) -> Composition:
-        rows = Composition(stacked, slots)
+    def gather_rows(self, per_adapter, slots) -> Composition:
+        rows = Composition(per_adapter, slots)
         extras = [p[4:] for p in rows.parts]
         rows.bias = None if all(b is None for b, _ in extras) else rows.per_row_values([b for b, _ in extras], 0.0)
         rows.dora = None
