@@ -295,16 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         spec["model"] = model_name(spec["shape"])
-        started = time.time()
-        result = {**spec, "label": label(spec), "plan": predict(spec), **measure(spec, args.timeout)}
-        result["wall_seconds"] = round(time.time() - started, 1)
-        results.append(result)
-        print(_line(result), flush=True)
+        results.append(_measured_row(spec, args.timeout))
         out.write_text(json.dumps(results, indent=1) + "\n")  # what is done so far survives a stop
-    if args.write:
-        from adapterkit.bench.memory_report import write_report
-
-        write_report(results, args, Path(args.write), args.note or "")
+    _write_markdown(results, args)
     return None
 
 
@@ -315,13 +308,21 @@ def rerun(path: Path, library: str, args) -> None:
     keys = ("shape", "library", "method", "base", "gc", "steps", "batch", "seq", "micro_batch_size", "model")
     for i, row in enumerate(results):
         if row["library"] == library:
-            spec = {**{k: row[k] for k in keys}, "threads": args.threads}
-            started = time.time()
-            results[i] = {**spec, "label": row["label"], "plan": predict(spec), **measure(spec, args.timeout),
-                          "wall_seconds": 0.0}
-            results[i]["wall_seconds"] = round(time.time() - started, 1)
-            print(_line(results[i]), flush=True)
+            results[i] = _measured_row({**{k: row[k] for k in keys}, "threads": args.threads}, args.timeout)
             path.write_text(json.dumps(results, indent=1) + "\n")
+    _write_markdown(results, args)
+
+
+def _measured_row(spec: dict, timeout: float) -> dict:
+    """One configuration measured in its own process, with plan's prediction beside it; printed."""
+    started = time.time()
+    result = {**spec, "label": label(spec), "plan": predict(spec), **measure(spec, timeout)}
+    result["wall_seconds"] = round(time.time() - started, 1)
+    print(_line(result), flush=True)
+    return result
+
+
+def _write_markdown(results: list[dict], args) -> None:
     if args.write:
         from adapterkit.bench.memory_report import write_report
 

@@ -28,9 +28,9 @@ def _losses(run: Path) -> list[float]:
     return [m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
 
 
-def _answers(folder: Path, key: str = "output") -> list[str]:
-    """Each item's whole greedy text ("output") or the answer extracted from it ("prediction")."""
-    return [p[key] for p in map(json.loads, (folder / "predictions.jsonl").read_text().splitlines())]
+def _answers(folder: Path) -> list[dict]:
+    """Each item's prediction record: its whole greedy text ("output"), the answer extracted ("prediction")."""
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,11 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     if not (done(out / "eval-merged-bf16")):  # the precision bitsandbytes' CPU kernels compute the nf4 model in
         run_eval(EvalSettings(str(out / "merged-nf4"), None, output=str(out / "eval-merged-bf16"), precision="bf16",
                               **common))
-    agree = {(ref, merged, key): sum(a == b for a, b in zip(_answers(out / f"eval-{ref}", key),
-                                                          _answers(out / merged, key), strict=True))
-             for ref in ("nf4", "dequantized") for merged in ("eval-merged", "eval-merged-bf16")
+    answers = {folder: _answers(out / folder) for folder in ("eval-nf4", "eval-dequantized", "eval-merged",
+                                                            "eval-merged-bf16")}
+    agree = {(ref, merged, key): sum(a[key] == b[key] for a, b in zip(answers[f"eval-{ref}"], answers[merged],
+                                                                      strict=True))
+             for ref, merged in (("dequantized", "eval-merged"), ("nf4", "eval-merged"), ("nf4", "eval-merged-bf16"))
              for key in ("output", "prediction")}
-    items_count = len(_answers(out / "eval-merged"))
+    items_count = len(answers["eval-merged"])
     losses = {q: _losses(run) for q, run in runs.items()}
     tail = {q: statistics.mean(values[-10:]) for q, values in losses.items()}
     seconds = {q: json.loads((run / "run.json").read_text())["seconds"] for q, run in runs.items()}

@@ -94,13 +94,17 @@ def parse_size(text: str) -> int:
     return value
 
 
+def _folder(name: str) -> Path:
+    """Where a model named on the command line lives: the default model's cache, else the name itself."""
+    return default_model_folder() if name == DEFAULT_MODEL else Path(name)
+
+
 def meta_model(name: str, dtype: torch.dtype) -> nn.Module:
     """The model built from its config on the meta device: shapes and dtypes, no storage."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = str(default_model_folder()) if name == DEFAULT_MODEL else name
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(str(_folder(name)))
     except (OSError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise AdapterkitError(f"{name}: no model config to read ({first}); pass a model folder with config.json, a "
@@ -114,7 +118,7 @@ def cast_on_load_bytes(name: str, dtype: torch.dtype, quantize: str) -> int:
     """The stored weights' bytes where loading casts them (files in another dtype than the one loaded, no
     quantization): transformers reads every stored byte, and the file's pages count in the process's
     memory, while the cast copies are made. 0 where nothing is cast or the files are not local."""
-    folder = Path(default_model_folder() if name == DEFAULT_MODEL else name)
+    folder = _folder(name)
     if quantize != "none" or not (folder / "config.json").is_file():
         return 0
     config = json.loads((folder / "config.json").read_text())
