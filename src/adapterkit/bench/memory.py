@@ -120,7 +120,13 @@ def run_one(spec: dict) -> dict:
     precision, quantize = BASES[spec["base"]]
     model, tokenizer = ak.load_model(spec["model"], precision, quantize)
     loaded = _rss_now()
-    tune_allocator()  # again: a quantized load leaves glibc's usual thresholds (PEFT's steps are not fit's)
+    # adapterkit's training loop sets its own allocator setting (again: a quantized load leaves glibc's usual
+    # thresholds). PEFT trains on glibc's usual thresholds, as its users do, or with adapterkit's setting
+    # where the spec asks ("allocator": "adapterkit"), to tell the two apart.
+    if spec["library"] == "peft":
+        _glibc_usual()
+        if spec.get("allocator") == "adapterkit":
+            tune_allocator(checkpointing=spec["gc"])
     torch.manual_seed(0)
     micro = spec["micro_batch_size"]
     data = batches(tokenizer, spec["steps"], spec["batch"], spec["seq"])
@@ -154,9 +160,20 @@ def run_one(spec: dict) -> dict:
             "seconds_per_step": statistics.median(steps[1:] or steps), "step_seconds": steps, "trainable": trainable}
 
 
+def _glibc_usual() -> None:
+    """glibc's thresholds at their usual ceiling (mmap from 32 MiB, trim above 64 MiB), as models.py leaves them."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 32 << 20)
+    libc.mallopt(-1, 64 << 20)
+
+
 def _peft_steps(model, micro_batches, steps: int, accumulation: int, autocast, times: list) -> list[float]:
     """PEFT's side: the same AdamW steps, its model's own loss."""
     import torch
+
+    from adapterkit.training.allocator import release_free_memory
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
@@ -167,6 +184,7 @@ def _peft_steps(model, micro_batches, steps: int, accumulation: int, autocast, t
         for _ in range(accumulation):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
                 loss = model(**next(micro_batches)).loss
+            release_free_memory()  # a no-op unless adapterkit's allocator setting was asked for
             (loss / accumulation).backward()
             total += loss.item() / accumulation
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -207,7 +225,7 @@ AFFORDABLE = {
 
 def label(spec: dict) -> str:
     return (f"{spec['shape']} {spec['library']} {spec['method']} {spec['base']}"
-            + (" +GC" if spec["gc"] else ""))
+            + (" +GC" if spec["gc"] else "") + (" (adapterkit's allocator)" if spec.get("allocator") else ""))
 
 
 def predict(spec: dict) -> dict:

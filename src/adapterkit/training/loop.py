@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterkitError
-from .allocator import tune_allocator
+from .allocator import release_free_memory, tune_allocator
 from .distributed import World, sum_across
 from .loss import labelled_loss
 from .sharding import Steps
@@ -49,6 +49,7 @@ def micro_step(model: nn.Module, batch: dict, scale: float, autocast: torch.dtyp
     with torch.autocast(batch["input_ids"].device.type, dtype=autocast or torch.bfloat16,
                         enabled=autocast is not None):
         loss = labelled_loss(model, batch)
+    release_free_memory()  # with checkpointing: the forward's freed heap, before the backward's peak
     extra = model.extra_loss() if hasattr(model, "extra_loss") else None  # a method's regulariser, in fp32
     if extra is not None:
         loss = loss + extra
@@ -67,8 +68,8 @@ def fit(steps: Steps, micro_batches: Callable[[int], list[dict]], start: int, to
     `steps` runs the backward and the step (sum, clip, AdamW, schedule: plain torch or DeepSpeed's). An
     AdaptedModel's methods take part through its hooks: start_training(total), extra_loss() added to each
     micro-batch's loss, after_optimizer_step(step) while the gradients are still there."""
-    tune_allocator()
     model = steps.model
+    tune_allocator(checkpointing=bool(getattr(getattr(model, "module", model), "is_gradient_checkpointing", False)))
     hooks = hasattr(model, "after_optimizer_step")
     if hooks:
         model.start_training(total)
