@@ -11,8 +11,8 @@ method attaches to it as it would to the real model, and the prediction adds up:
   keys, values and the attention output, the MLP's inner tensors, the inputs of the adapter's own matrices
   (what autograd keeps to compute their gradients), and the attention's per-head statistics (in bf16 on a
   CPU, for short rows, the attention probabilities: see attention.py); with
-  gradient checkpointing only each layer's input, plus one layer recomputed in the backward pass and
-  that layer's backward (gradients and temporaries: twice the recomputed layer);
+  gradient checkpointing only each layer's input, plus one layer recomputed in the backward pass with
+  its backward;
 - logits and loss: where the loss takes over the output head (training/loss.py's `fused_head`), one block
   of rows' logits and log-softmax and the rows' gradient; elsewhere the logits of one micro-batch with
   their gradient (fp32: also the log-softmax);
@@ -225,18 +225,21 @@ def plan(settings: PlanSettings) -> dict:
         layer = tokens * (element * (per_token["compute"] + adapter_per_token / layers) + 4 * per_token["fp32"])
         if precision == "bf16" and attention_applies:  # the CPU training attention's
             layer += saved_bytes(micro, layout.shape.heads, settings.seq + virtual, settings.seq + virtual)
-        if settings.gradient_checkpointing:  # each layer's input; one layer recomputed, and its backward's
-            # gradients and temporaries, about twice the recomputed layer (measured on the 1.1B shape up to
-            # 4,096 tokens: BENCHMARKS.md, long context)
-            kept = min(layers * tokens * element * layout.shape.hidden + 3 * layer, (layers + 1) * layer)
-        else:
-            kept = (layers + 1) * layer
+        kept, inputs = (layers + 1) * layer, 0
+        if settings.gradient_checkpointing:  # each layer's input, and one layer recomputed with its backward
+            # (measured on the 1.1B shape up to 4,096 tokens with the training loop's allocator setting for
+            # checkpointing, which keeps the heap from growing past what is live: BENCHMARKS.md, long context)
+            inputs = layers * tokens * element * layout.shape.hidden
+            if inputs + ACTIVATION_FACTOR * layer < ACTIVATION_FACTOR * kept:
+                kept = layer
+            else:
+                inputs = 0
         if fused:  # one block's logits and fp32 log-softmax at a time, and the rows' gradient
             logits = LOSS_BLOCK_ROWS * vocab * (element + 4) + 2 * tokens * layout.shape.hidden * element
         else:
             logits = tokens * vocab * (3 * 4 if precision == "fp32" else 2 * 2) + (
                 0 if precision == "fp32" else 2 * LOSS_BLOCK_ROWS * vocab * 4)
-        return {"activations": int(ACTIVATION_FACTOR * kept), "logits and loss": int(ACTIVATION_FACTOR * logits)}
+        return {"activations": int(inputs + ACTIVATION_FACTOR * kept), "logits and loss": int(ACTIVATION_FACTOR * logits)}
 
     fixed = {"runtime": BASELINE + (BASELINE_QUANTIZED if settings.quantize != "none" else 0),
              "weights (quantized linears)": weights["quantized"], "weights (other)": weights["other"],
