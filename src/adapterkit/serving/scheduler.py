@@ -20,11 +20,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
+from .cache import GrowingLayer, growing
 from .decoding import TextProgress, choose, generator_for
 from .protocol import ServeError
 from .registry import Registry, Served
@@ -76,15 +77,17 @@ class Batch:
     def __init__(self, key: str | None, jobs: list[Job], cache, mask: torch.Tensor, positions: torch.Tensor):
         self.key, self.jobs, self.cache, self.mask, self.positions = key, jobs, cache, mask, positions
         self.last = torch.zeros(len(jobs), dtype=torch.long, device=mask.device)
-        # Rows can be appended to plain growing layers only (sliding-window caches keep other state).
-        self.joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
+        # Rows can be appended to plain growing layers only (sliding-window caches keep other state);
+        # those become GrowingLayers, which append a step's token without copying the cache.
+        self.joinable = growing(cache)
 
     def join(self, other: Batch) -> None:
         """Append another batch's rows, left-padding the shorter cache (padding is masked out)."""
         length = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_left(mine.keys, length, -2), _left(theirs.keys, length, -2)])
-            mine.values = torch.cat([_left(mine.values, length, -2), _left(theirs.values, length, -2)])
+            if not (isinstance(mine, GrowingLayer) and isinstance(theirs, GrowingLayer) and mine.join(theirs, length)):
+                mine.keys = torch.cat([_left(mine.keys, length, -2), _left(theirs.keys, length, -2)])
+                mine.values = torch.cat([_left(mine.values, length, -2), _left(theirs.values, length, -2)])
         self.mask = torch.cat([_left(self.mask, length, 1), _left(other.mask, length, 1)])
         self.positions = torch.cat([self.positions, other.positions])
         self.last = torch.cat([self.last, other.last])
@@ -239,7 +242,8 @@ class Scheduler:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
                   "position_ids": positions.to(self.device), "use_cache": True, "logits_to_keep": 1}
-        out, kwargs = self._forward(key, jobs, kwargs, prefill=True)
+        with _contiguous_head_input(self.registry.adapted.causal_lm):
+            out, kwargs = self._forward(key, jobs, kwargs, prefill=True)
         batch = Batch(key, jobs, out.cache, kwargs["attention_mask"], kwargs["position_ids"][:, -1] + 1)
         self._advance(batch, choose(out.logits[:, -1], jobs))
         if not batch.jobs:
@@ -310,6 +314,23 @@ class Scheduler:
         self.stats["tokens"] += job.steps
         _emit(job, "done", {"finish_reason": reason, "text": job.progress.text, "prompt_tokens": len(job.prompt_ids),
                             "completion_tokens": job.steps})
+
+
+@contextmanager
+def _contiguous_head_input(model):
+    """The output head gets a contiguous input. With logits_to_keep=1 transformers hands it the prompts' last
+    positions as a strided [rows, 1, hidden] view, which torch multiplies by the head weight as a batched
+    product over the rows, reading the whole weight once per row: 0.34 s against 0.04 s for 32 rows on the
+    default model (one thread). A lone row's view is contiguous already, so it takes the plain product too."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else None)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _emit(job: Job, kind: str, data: dict) -> None:
