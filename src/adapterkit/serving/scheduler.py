@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
-from .cache import GrowingLayer, growing
 from .decoding import TextProgress, choose, generator_for
 from .protocol import ServeError
 from .registry import Registry, Served
@@ -77,17 +77,15 @@ class Batch:
     def __init__(self, key: str | None, jobs: list[Job], cache, mask: torch.Tensor, positions: torch.Tensor):
         self.key, self.jobs, self.cache, self.mask, self.positions = key, jobs, cache, mask, positions
         self.last = torch.zeros(len(jobs), dtype=torch.long, device=mask.device)
-        # Rows can be appended to plain growing layers only (sliding-window caches keep other state);
-        # those become GrowingLayers, which append a step's token without copying the cache.
-        self.joinable = growing(cache)
+        # Rows can be appended to plain growing layers only (sliding-window caches keep other state).
+        self.joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
 
     def join(self, other: Batch) -> None:
         """Append another batch's rows, left-padding the shorter cache (padding is masked out)."""
         length = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            if not (isinstance(mine, GrowingLayer) and isinstance(theirs, GrowingLayer) and mine.join(theirs, length)):
-                mine.keys = torch.cat([_left(mine.keys, length, -2), _left(theirs.keys, length, -2)])
-                mine.values = torch.cat([_left(mine.values, length, -2), _left(theirs.values, length, -2)])
+            mine.keys = torch.cat([_left(mine.keys, length, -2), _left(theirs.keys, length, -2)])
+            mine.values = torch.cat([_left(mine.values, length, -2), _left(theirs.values, length, -2)])
         self.mask = torch.cat([_left(self.mask, length, 1), _left(other.mask, length, 1)])
         self.positions = torch.cat([self.positions, other.positions])
         self.last = torch.cat([self.last, other.last])
