@@ -112,7 +112,7 @@ def run_one(spec: dict) -> dict:
 
     import adapterkit as ak
     from adapterkit.training import labelled_loss, train_steps
-    from adapterkit.training.allocator import tune_allocator
+    from adapterkit.training.allocator import tune_allocator, usual_thresholds
 
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     tune_allocator()  # as the train recipe's loop does, before the model is loaded
@@ -124,7 +124,7 @@ def run_one(spec: dict) -> dict:
     # thresholds). PEFT trains on glibc's usual thresholds, as its users do, or with adapterkit's setting
     # where the spec asks ("allocator": "adapterkit"), to tell the two apart.
     if spec["library"] == "peft":
-        _glibc_usual()
+        usual_thresholds()
         if spec.get("allocator") == "adapterkit":
             tune_allocator(checkpointing=spec["gc"])
     torch.manual_seed(0)
@@ -158,15 +158,6 @@ def run_one(spec: dict) -> dict:
     steps = [b - a for a, b in zip(times, times[1:], strict=False)]
     return {"peak_bytes": _peak(), "rss_start": started, "rss_loaded": loaded, "losses": losses,
             "seconds_per_step": statistics.median(steps[1:] or steps), "step_seconds": steps, "trainable": trainable}
-
-
-def _glibc_usual() -> None:
-    """glibc's thresholds at their usual ceiling (mmap from 32 MiB, trim above 64 MiB), as models.py leaves them."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 32 << 20)
-    libc.mallopt(-1, 64 << 20)
 
 
 def _peft_steps(model, micro_batches, steps: int, accumulation: int, autocast, times: list) -> list[float]:

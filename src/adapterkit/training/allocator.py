@@ -53,6 +53,17 @@ def tune_allocator(checkpointing: bool = False) -> str | None:
     return _mode
 
 
+def usual_thresholds() -> None:
+    """glibc's thresholds where its own adjustment settles (mmap from 32 MiB, trim above 64 MiB): what a
+    program that never sets them trains with (the memory benchmark's PEFT runs)."""
+    global _mode
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+        _mode = None
+
+
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the OS, where the mapped setting is in force (a few ms)."""
     if _mode == "mapped":
