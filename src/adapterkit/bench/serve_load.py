@@ -138,10 +138,10 @@ def _timed(rows: int, run) -> dict:
             "ttft_p50": None, "ttft_p95": None, "load": load}
 
 
-@torch.no_grad()
-def base_batch(texts: list[str], with_generate: bool) -> dict[str, dict]:
-    """The base model alone, all rows in one batch, 64 tokens each: transformers' `generate` (what
-    `adapterkit eval` calls), and a plain decoding loop (forward + DynamicCache, as the server's)."""
+def base_batch(texts: list[str]) -> tuple:
+    """The base model alone, all rows in one batch, 64 tokens each, loaded once: (a plain decoding loop
+    (forward + DynamicCache, as the server's), transformers' `generate` (what `adapterkit eval` calls)),
+    each a function that runs and times itself."""
     import adapterkit as ak
 
     model, tokenizer = ak.load_model()
@@ -162,11 +162,10 @@ def base_batch(texts: list[str], with_generate: bool) -> dict[str, dict]:
                         use_cache=True)
             cache, last, position = out.cache, out.logits[:, -1].argmax(-1), position + 1
 
-    runs = {"loop": _timed(len(texts), loop)}
-    if with_generate:
-        runs["generate"] = _timed(len(texts), lambda: model.generate(**kwargs, max_new_tokens=NEW_TOKENS,
-                                                                     min_new_tokens=NEW_TOKENS))
-    return runs
+    def generate() -> None:
+        model.generate(**kwargs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+
+    return (torch.no_grad()(lambda: _timed(len(texts), loop)), torch.no_grad()(lambda: _timed(len(texts), generate)))
 
 
 def start_server(adapters: list[str], max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
@@ -197,7 +196,10 @@ def health(url: str) -> dict:
         return json.loads(response.read())
 
 
-def measure_server(adapters: list[str], clients: int, sequential: int, max_batch: int, threads: int) -> dict[str, dict]:
+def measure_server(adapters: list[str], clients: int, sequential: int, max_batch: int, threads: int, rounds: int,
+                   base_loop) -> dict:
+    """The server's runs; the 8-adapter run `rounds` times, each between two runs of the plain base loop in
+    this process (the server idles meanwhile), so each round has its own reference."""
     process, url = start_server(adapters, max_batch, threads)
     try:
         names = [a.split("=", 1)[0] for a in adapters]
@@ -205,10 +207,13 @@ def measure_server(adapters: list[str], clients: int, sequential: int, max_batch
         for name in [*names, base]:  # warm-up: one short request each
             stream(url, name, "Hello.")
         texts = prompts(clients)
-        before = health(url)
-        runs = {"adapters": concurrent(url, [(names[i % len(names)], texts[i]) for i in range(clients)])}
-        after = health(url)
-        runs["adapters"]["scheduler"] = {k: after[k] - before[k] for k in ("steps", "joined")}
+        runs = {"loops": [base_loop()], "adapters": []}
+        for _ in range(rounds):
+            before = health(url)
+            runs["adapters"].append(concurrent(url, [(names[i % len(names)], texts[i]) for i in range(clients)]))
+            after = health(url)
+            runs["adapters"][-1]["scheduler"] = {k: after[k] - before[k] for k in ("steps", "joined")}
+            runs["loops"].append(base_loop())
         runs["base"] = concurrent(url, [(base, text) for text in texts])
         runs["alone"] = one_at_a_time(url, [(names[i % len(names)], texts[i]) for i in range(sequential)])
         return runs
@@ -220,19 +225,19 @@ def measure_server(adapters: list[str], clients: int, sequential: int, max_batch
             process.kill()
 
 
-def render(rows: list[tuple[str, dict]], base: float, args, stats: dict) -> str:
+def render(rows: list[tuple[str, dict, float]], args, stats: dict, ratios: list[float]) -> str:
     def seconds(value):
         return "-" if value is None else f"{value:.2f}"
 
     lines = ["| run | requests | tokens | wall s | tokens/s | vs base batched loop | TTFT p50 s | TTFT p95 s "
              "| load average |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for label, r in rows:
+    for label, r, base in rows:
         lines.append(f"| {label} | {r['requests']} | {r['tokens']} | {r['wall']:.1f} | {r['tokens_per_s']:.1f} | "
                      f"{r['tokens_per_s'] / base:.2f}x | {seconds(r['ttft_p50'])} | {seconds(r['ttft_p95'])} | "
                      f"{r['load']:.1f} |")
     return (f"## Serving: 8 adapters, {args.clients} concurrent streaming clients\n\n"
             f"Command: `python -m adapterkit.bench.serve_load --clients {args.clients} --sequential {args.sequential} "
-            f"--threads {args.threads}`  \n"
+            f"--threads {args.threads} --rounds {args.rounds}`  \n"
             f"Date: {datetime.date.today().isoformat()}  \nMachine: {machine()}; the 2 cores were shared (the last "
             "column: the 1-minute load average as each run started; 2.0 would be the cores to ourselves)\n\n"
             f"`adapterkit serve` on the default model (fp32, CPU) with 8 adapters: LoRA (q/v r8, all-linear r8, "
@@ -243,13 +248,17 @@ def render(rows: list[tuple[str, dict]], base: float, args, stats: dict) -> str:
             "rows decode in one mixed batch, the LoRA-family adapters of any rank (and the bottleneck adapters) as one "
             "gathered product per site; each prompt method prefills its rows on their own, which then decode in the "
             "mixed batch (their virtual tokens are in the cache). "
-            f"In the 8-adapter run the scheduler ran {stats['steps']} decoding steps (one forward of one batch each) "
+            f"In the first 8-adapter round the scheduler ran {stats['steps']} decoding steps (one forward of one batch each) "
             f"and {stats['joined']} requests joined a batch already decoding. The server runs in its own process, the clients in another; TTFT is measured by "
-            "the client (request sent to first text). The base model alone ran before and after the server, all rows in one "
+            "the client (request sent to first text). The base model alone ran in the benchmark's process, all rows in one "
             "batch, as a plain decoding loop (prefill with logits at the last position only, then forward + DynamicCache "
-            "per token, as the server's scheduler does), and once, after, through transformers' "
-            "`generate` (what `adapterkit eval` calls; it computes the prefill's logits at every position). Ratios are "
-            "against the mean of the two loop runs.\n\n" + "\n".join(lines) + "\n")
+            "per token, as the server's scheduler does) before and after each 8-adapter round (the server idle "
+            "meanwhile), and once, at the end, through transformers' `generate` (what `adapterkit eval` calls; it computes "
+            "the prefill's logits at every position). Each 8-adapter round's ratio is against the mean of the loop runs "
+            "just before and after it; the other rows' against the mean of all loop runs. The base loop alone moves by "
+            "about 10% from run to run on this machine, hence the rounds: **median of the rounds' ratios "
+            f"{statistics.median(ratios):.2f}x** (each: {', '.join(f'{r:.2f}x' for r in ratios)}).\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,25 +268,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the base runs "
                         "(1: on shared cores, more threads than free cores slow everything down many times)")
+    parser.add_argument("--rounds", type=int, default=3, help="8-adapter runs, each between two base loop runs")
     parser.add_argument("--write", default=str(ROOT / "BENCHMARKS.md"), help="'' to print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("the base model batched, no server", flush=True)
-    before = base_batch(prompts(args.clients), with_generate=False)
+    base_loop, base_generate = base_batch(prompts(args.clients))
     with tempfile.TemporaryDirectory() as tmp:
         print("saving 8 adapters; starting the server (it verifies each)", flush=True)
-        runs = measure_server(save_adapters(Path(tmp)), args.clients, args.sequential, args.max_batch, args.threads)
-    print("the base model batched again, and transformers' generate", flush=True)
-    after = base_batch(prompts(args.clients), with_generate=True)
-    n = args.clients
-    rows = [(f"server, 8 adapters, {n} concurrent clients", runs["adapters"]),
-            (f"server, the same {n} clients all on the base model", runs["base"]),
-            (f"server, 8 adapters, one request at a time ({args.sequential} requests)", runs["alone"]),
-            (f"base model, plain batched decoding loop ({n} rows, no server), before", before["loop"]),
-            ("the same, after", after["loop"]),
-            (f"base model, transformers `generate` ({n} rows, no server)", after["generate"])]
-    reference = (before["loop"]["tokens_per_s"] + after["loop"]["tokens_per_s"]) / 2
-    table = render(rows, reference, args, runs["adapters"]["scheduler"])
+        runs = measure_server(save_adapters(Path(tmp)), args.clients, args.sequential, args.max_batch, args.threads,
+                              args.rounds, base_loop)
+    n, loops = args.clients, runs["loops"]
+    speed = [loop["tokens_per_s"] for loop in loops]
+    around = [(speed[i] + speed[i + 1]) / 2 for i in range(args.rounds)]
+    reference = statistics.mean(speed)
+    rows = [(f"server, 8 adapters, {n} concurrent clients, round {i + 1}", r, around[i])
+            for i, r in enumerate(runs["adapters"])]
+    rows += [(f"server, the same {n} clients all on the base model", runs["base"], reference),
+             (f"server, 8 adapters, one request at a time ({args.sequential} requests)", runs["alone"], reference)]
+    rows += [(f"base model, plain batched decoding loop ({n} rows, no server), run {i + 1}", loop, reference)
+             for i, loop in enumerate(loops)]
+    rows.append((f"base model, transformers `generate` ({n} rows, no server)", base_generate(), reference))
+    ratios = [r["tokens_per_s"] / around[i] for i, r in enumerate(runs["adapters"])]
+    table = render(rows, args, runs["adapters"][0]["scheduler"], ratios)
     print(table)
     if args.write:
         write_section(Path(args.write), table, "serve_load")
