@@ -96,7 +96,7 @@ def build(spec: dict):
     else:
         from adapterkit.training.allocator import tune_allocator
 
-        tune_allocator()  # what adapterkit's training loop does (see src/adapterkit/allocator.py)
+        tune_allocator()  # what adapterkit's training loop does (see src/adapterkit/training/allocator.py)
         method, options = OURS[spec["method"]]
         options = dict(options)
         if spec.get("rank"):
