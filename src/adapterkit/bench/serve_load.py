@@ -55,11 +55,14 @@ def adapter_configs() -> dict:
     }
 
 
-def save_adapters(folder: Path) -> list[str]:
+def save_adapters(folder: Path, names: list[str] | None = None) -> list[str]:
+    """The adapters (all, or these of `adapter_configs`) saved in `folder`; their NAME=DIR specs."""
     import adapterkit as ak
 
     specs = []
     for seed, (name, config) in enumerate(adapter_configs().items()):
+        if names is not None and name not in names:
+            continue
         model, tokenizer = ak.load_model()
         adapted = ak.adapt(model, config, tokenizer=tokenizer)
         torch.manual_seed(seed)
