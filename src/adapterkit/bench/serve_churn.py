@@ -19,8 +19,6 @@ import datetime
 import json
 import os
 import queue
-import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from adapterkit.bench.serve_load import TOPICS, health, save_adapters, start_server
+from adapterkit.bench.serve_load import TOPICS, health, save_adapters, served
 from adapterkit.bench.train_speed import ROOT, machine, write_section
 
 STAYING = ["lora-qv", "adapter-h", "p-tuning-v2"]
@@ -187,18 +185,11 @@ def main(argv: list[str] | None = None) -> None:
         first, second = plan(args.requests)
         print("the library's answers, one request at a time", flush=True)
         answers = references(folders, set(first) | set(second))
-        process, url = start_server([f"{n}={folders[n]}" for n in [*STAYING, LEAVING]], 32, args.threads)
-        try:
+        with served([f"{n}={folders[n]}" for n in [*STAYING, LEAVING]], 32, args.threads) as url:
             before = health(url)
             print(f"{args.requests} requests, {args.clients} clients", flush=True)
             outcome = run(url, folders, args.requests, args.clients)
             after = health(url)
-        finally:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
     verdict = judge(outcome, answers)
     stats = {k: after[k] - before[k] for k in ("completed", "failed", "joined") if k in after and k in before}
     table = render(outcome, verdict, args, stats)

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -194,6 +195,20 @@ def start_server(adapters: list[str], max_batch: int, threads: int) -> tuple[sub
             time.sleep(0.5)
 
 
+@contextmanager
+def served(adapters: list[str], max_batch: int, threads: int):
+    """A running server's URL; the server is interrupted (Ctrl-C, as a user stops it) on leaving."""
+    process, url = start_server(adapters, max_batch, threads)
+    try:
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def health(url: str) -> dict:
     with urllib.request.urlopen(url + "/health", timeout=30) as response:
         return json.loads(response.read())
@@ -203,8 +218,7 @@ def measure_server(adapters: list[str], clients: int, sequential: int, max_batch
                    base_loop) -> dict:
     """The server's runs; the 8-adapter run `rounds` times, each between two runs of the plain base loop in
     this process (the server idles meanwhile), so each round has its own reference."""
-    process, url = start_server(adapters, max_batch, threads)
-    try:
+    with served(adapters, max_batch, threads) as url:
         names = [a.split("=", 1)[0] for a in adapters]
         base = health(url)["base"]
         for name in [*names, base]:  # warm-up: one short request each
@@ -220,12 +234,6 @@ def measure_server(adapters: list[str], clients: int, sequential: int, max_batch
         runs["base"] = concurrent(url, [(base, text) for text in texts])
         runs["alone"] = one_at_a_time(url, [(names[i % len(names)], texts[i]) for i in range(sequential)])
         return runs
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def render(rows: list[tuple[str, dict, float]], args, stats: dict, ratios: list[float]) -> str:
