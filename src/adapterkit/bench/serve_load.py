@@ -236,7 +236,7 @@ def measure_server(adapters: list[str], clients: int, sequential: int, max_batch
         return runs
 
 
-def render(rows: list[tuple[str, dict, float]], args, stats: dict, ratios: list[float]) -> str:
+def render(rows: list[tuple[str, dict, float]], args, stats: dict, ratios: list[float], engine: list[float]) -> str:
     def seconds(value):
         return "-" if value is None else f"{value:.2f}"
 
@@ -268,7 +268,9 @@ def render(rows: list[tuple[str, dict, float]], args, stats: dict, ratios: list[
             "the prefill's logits at every position). Each 8-adapter round's ratio is against the mean of the loop runs "
             "just before and after it; the other rows' against the mean of all loop runs. The base loop alone moves by "
             "about 10% from run to run on this machine, hence the rounds: **median of the rounds' ratios "
-            f"{statistics.median(ratios):.2f}x** (each: {', '.join(f'{r:.2f}x' for r in ratios)}).\n\n"
+            f"{statistics.median(ratios):.2f}x** (each: {', '.join(f'{r:.2f}x' for r in ratios)}). Against the same "
+            "clients all on the base model through the server (the same HTTP path and scheduler: the adapters' own "
+            f"cost, less moved by other load on the cores): {', '.join(f'{r:.2f}x' for r in engine)}.\n\n"
             + "\n".join(lines) + "\n")
 
 
@@ -301,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
              for i, loop in enumerate(loops)]
     rows.append((f"base model, transformers `generate` ({n} rows, no server)", base_generate(), reference))
     ratios = [r["tokens_per_s"] / around[i] for i, r in enumerate(runs["adapters"])]
-    table = render(rows, args, runs["adapters"][0]["scheduler"], ratios)
+    engine = [r["tokens_per_s"] / runs["base"]["tokens_per_s"] for r in runs["adapters"]]
+    table = render(rows, args, runs["adapters"][0]["scheduler"], ratios, engine)
     print(table)
     if args.write:
         write_section(Path(args.write), table, "serve_load")
