@@ -61,12 +61,13 @@ def call(url: str, method: str, path: str, body: dict | None = None) -> tuple[in
 
 def references(folders: dict[str, Path], pairs: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """Each (adapter, prompt)'s greedy answer from the library, alone: a batch of one, no server."""
+    from adapterkit.models import DEFAULT_MODEL
     from adapterkit.recipes.common import load_for_inference
     from adapterkit.recipes.generate import generate
 
     answers = {}
     for name in sorted({name for name, _ in pairs}):
-        model, tokenizer = load_for_inference("smollm2-135m-instruct", str(folders[name]))
+        model, tokenizer = load_for_inference(DEFAULT_MODEL, str(folders[name]))
         with torch.no_grad():
             for adapter, prompt in sorted(pairs):
                 if adapter == name:
@@ -75,8 +76,8 @@ def references(folders: dict[str, Path], pairs: set[tuple[str, str]]) -> dict[tu
     return answers
 
 
-def run(url: str, folders: dict[str, Path], requests: int, clients: int) -> dict:
-    first, second = plan(requests)
+def run(url: str, folders: dict[str, Path], first: list[tuple[str, str]], second: list[tuple[str, str]],
+        clients: int) -> dict:
     work: queue.Queue = queue.Queue()
     results: list[dict] = []
     lock, sent = threading.Lock(), [0]
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         with served([f"{n}={folders[n]}" for n in [*STAYING, LEAVING]], 32, args.threads) as url:
             before = health(url)
             print(f"{args.requests} requests, {args.clients} clients", flush=True)
-            outcome = run(url, folders, args.requests, args.clients)
+            outcome = run(url, folders, first, second, args.clients)
             after = health(url)
     verdict = judge(outcome, answers)
     stats = {k: after[k] - before[k] for k in ("completed", "failed", "joined") if k in after and k in before}
